@@ -1,0 +1,16 @@
+"""convbn: Train / Eval / Tune / Deploy modes for every Conv->BatchNorm block of a PyTorch model.
+
+    >>> import convbn, torch
+    >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8))
+    >>> model = convbn.convert(model, "tune")
+"""
+
+from .api import convert, deploy, report, revert
+from .errors import ConvBNError
+from .fold import fold_conv_bn_weights
+from .functions.tune import tune_conv_bn
+from .plan import BlockReport, Report
+
+__all__ = ["convert", "revert", "report", "deploy", "ConvBNError", "Report", "BlockReport",
+           "fold_conv_bn_weights", "tune_conv_bn"]
+__version__ = "0.1.0"

@@ -1,0 +1,239 @@
+"""Public entry points: ``convert``, ``revert``, ``report``, ``deploy``. Docstrings and dispatch only."""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from typing import Any, Callable, List, Optional
+
+import torch
+from torch import nn
+
+from .errors import ConvBNError
+from .fold import fold_conv_bn_weights
+from .match import Analysis, analyze
+from .plan import MODES, BlockReport, Report, make_plan
+from .runtime import Block, install, installed_block, uninstall
+
+__all__ = ["convert", "revert", "report", "deploy"]
+
+_STATE = "_convbn_state"
+
+
+class _State:
+    """Kept in the model's ``__dict__`` (not a buffer, not in ``state_dict``)."""
+
+    def __init__(self, report: Report, analysis: Analysis, deployed: List[BlockReport]):
+        self.report, self.analysis, self.deployed = report, analysis, deployed
+
+
+def _check_model(model: Any, fn: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convbn.{fn} expects a torch.nn.Module, got {type(model).__name__}. "
+                        f"Pass the model object itself, e.g. convbn.{fn}(model, ...)")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(f"convbn.{fn} cannot change a TorchScript module; convert the eager model before "
+                        f"torch.jit.script / torch.jit.trace")
+
+
+def _check_mode(mode: Any) -> str:
+    if not isinstance(mode, str) or mode.lower() not in MODES:
+        hint = difflib.get_close_matches(str(mode).lower(), MODES, n=1)
+        raise ConvBNError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}"
+                          + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+    return mode.lower()
+
+
+def _state(model: nn.Module) -> Optional[_State]:
+    return model.__dict__.get(_STATE)
+
+
+def convert(
+    model: nn.Module,
+    mode: str,
+    *,
+    example_inputs: Any = None,
+    filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
+) -> nn.Module:
+    """Put every Conv/Linear -> BatchNorm block of ``model`` into ``mode``, in place.
+
+    Modes (paper Table 2):
+
+    * ``"train"``: PyTorch's own behaviour -- BN follows ``model.train()`` / ``model.eval()``.
+    * ``"eval"``: BN normalizes with its running statistics even under ``model.train()`` (statistics
+      frozen; conv weight/bias and BN gamma/beta stay trainable) -- the "norm_eval" of fine-tuning.
+    * ``"tune"``: eval's exact function and gradients, computed by folding the BN into the conv
+      weight on the fly; saves only the conv input for backward (Deploy's memory).
+    * ``"deploy"``: BN folded into the conv permanently (inference). The conv's ``weight`` and
+      ``bias`` become new trainable Parameters holding the folded values and the BN module is
+      replaced by ``nn.Identity`` -- so ``state_dict`` has the folded ``conv.weight``/``conv.bias``
+      and no BN keys, and loading it into the original architecture fails loudly (missing keys)
+      instead of applying the BN twice. Irreversible: ``revert`` raises.
+
+    The model object, its class and attributes stay the user's. In train/eval/tune its
+    ``state_dict`` keys, parameter names and parameter objects are unchanged (optimizers keep
+    working); forward hooks still fire. In tune, the conv's forward hooks see the *block* output
+    (already normalized) and the BN's hooks see that tensor pass through; in eval the conv is
+    stock. Call again any time to switch modes (e.g. alternate train/tune, paper App. K).
+
+    A block that cannot be folded runs in eval (``fallback``) when its BN has running statistics,
+    otherwise stays plain PyTorch (``skipped``); :func:`report` says which and why.
+
+    Args:
+        model: any ``nn.Module``.
+        mode: ``"train"``, ``"eval"``, ``"tune"`` or ``"deploy"``.
+        example_inputs: optional input for ``model(...)`` (a Tensor, a tuple of positional args or
+            a dict of kwargs). Needed when ``torch.fx`` cannot trace the model; also lets convbn prove
+            that Linear -> BatchNorm1d inputs are 2-D.
+        filter_fn: ``filter_fn(module, qualified_name) -> bool``, called with each block's
+            Conv/Linear (or the BN, for a BN that follows no layer); ``False`` leaves the block alone.
+
+    Returns:
+        ``model`` itself (so ``model = convbn.convert(model, "tune")`` also works).
+
+    Raises:
+        ConvBNError: unknown mode, untraceable model without ``example_inputs``, example inputs that
+            do not run, ``filter_fn`` raising, or switching a deployed block. The model is unchanged.
+        TypeError: ``model`` is not an ``nn.Module``, or ``filter_fn`` is not callable / returns a
+            non-bool.
+
+    Example:
+        >>> import convbn, torch
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU())
+        >>> x = torch.randn(2, 3, 16, 16)
+        >>> expected = model.eval()(x)
+        >>> _ = model.train()
+        >>> _ = convbn.convert(model, "tune")
+        >>> torch.allclose(model(x), expected, atol=1e-5)
+        True
+        >>> _ = convbn.revert(model)
+    """
+    _check_model(model, "convert")
+    mode = _check_mode(mode)
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError(f"filter_fn must be callable as filter_fn(module, qualified_name) -> bool, got "
+                        f"{type(filter_fn).__name__}. Example: filter_fn=lambda m, name: name.startswith('backbone.')")
+    state = _state(model)
+    try:
+        analysis = analyze(model, example_inputs)
+    except ConvBNError:
+        if example_inputs is None and state is not None and state.analysis.method != "torch.fx":
+            analysis = state.analysis  # pairs proven by an earlier dynamic trace of this model
+        else:
+            raise
+    plan = make_plan(analysis, mode, filter_fn)
+    deployed = list(state.deployed) if state is not None else []
+    _apply(model, plan, mode, deployed)
+    rows = deployed + [r for _, r in plan]
+    model.__dict__[_STATE] = _State(Report(rows, mode, analysis.method, True, analysis.notes), analysis,
+                                    deployed)
+    return model
+
+
+def _apply(model: nn.Module, plan, mode: str, deployed: List[BlockReport]) -> None:
+    """Install the plan; on any failure restore every instance forward as it was."""
+    before = {id(m): (m, m.__dict__.get("forward")) for m in model.modules() if installed_block(m) is not None}
+    folds = []
+    try:
+        for m, _ in before.values():
+            uninstall(m)
+        for cand, row in plan:
+            if row.mode in ("eval", "tune"):
+                install(Block(cand.conv, cand.bn, cand.conv_name, cand.bn_name, row.mode))
+            elif row.mode == "deploy":
+                folds.append((cand, row, _fold(cand)))
+    except BaseException:
+        for m in model.modules():
+            uninstall(m)
+        for m, fwd in before.values():
+            m.__dict__["forward"] = fwd
+        raise
+    # Deploy mutations cannot fail past this point: every fold is already computed.
+    for cand, row, (weight, bias) in folds:
+        conv = cand.conv
+        conv.weight = nn.Parameter(weight, requires_grad=conv.weight.requires_grad)
+        conv.bias = nn.Parameter(bias, requires_grad=conv.weight.requires_grad)
+        _replace_module(model, cand.bn, nn.Identity())
+        deployed.append(row)
+
+
+def _fold(cand):
+    conv, bn = cand.conv, cand.bn
+    with torch.no_grad():
+        transposed = bool(getattr(conv, "transposed", False))
+        groups = getattr(conv, "groups", 1)
+        return fold_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var,
+                                    bn.weight if bn.affine else None, bn.bias if bn.affine else None, bn.eps,
+                                    groups=groups, transposed=transposed)
+
+
+def _replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    for parent in model.modules():
+        for name, child in list(parent._modules.items()):
+            if child is old:
+                parent._modules[name] = new
+
+
+def revert(model: nn.Module) -> nn.Module:
+    """Undo :func:`convert`: plain PyTorch modules again, parameters and buffers untouched.
+
+    Raises ``ConvBNError`` (model unchanged) if any block was deployed: its BN was folded away.
+
+    Example:
+        >>> import convbn, torch
+        >>> m = convbn.convert(torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.BatchNorm2d(2)), "tune")
+        >>> "forward" in convbn.revert(m)[0].__dict__
+        False
+    """
+    _check_model(model, "revert")
+    state = _state(model)
+    if state is not None and state.deployed:
+        names = ", ".join(f"`{r.conv}`" for r in state.deployed[:5])
+        raise ConvBNError(
+            f"cannot revert: {len(state.deployed)} block(s) were deployed ({names}...), which folded their BN into "
+            f"the conv permanently. Reload the model from a checkpoint, or use convbn.deploy(model) next time: it "
+            f"returns a folded copy and leaves the original intact")
+    for m in model.modules():
+        uninstall(m)
+    model.__dict__.pop(_STATE, None)
+    return model
+
+
+def report(model: nn.Module, mode: str = "tune", *, example_inputs: Any = None,
+           filter_fn: Optional[Callable[[nn.Module, str], bool]] = None) -> Report:
+    """The plan of ``model``'s conversion: one row per BatchNorm with its layer, mode, status, reason.
+
+    For a converted model this is the plan :func:`convert` applied (``mode`` etc. are ignored).
+    For a plain model it is what ``convert(model, mode, ...)`` *would* do, and nothing changes.
+
+    Example:
+        >>> import convbn, torch
+        >>> m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+        >>> convbn.report(m).rows[0].kind
+        'Conv2d->BatchNorm2d'
+    """
+    _check_model(model, "report")
+    state = _state(model)
+    if state is not None:
+        return state.report
+    mode = _check_mode(mode)
+    analysis = analyze(model, example_inputs)
+    plan = make_plan(analysis, mode, filter_fn)
+    return Report([r for _, r in plan], mode, analysis.method, False, analysis.notes)
+
+
+def deploy(model: nn.Module, *, example_inputs: Any = None,
+           filter_fn: Optional[Callable[[nn.Module, str], bool]] = None) -> nn.Module:
+    """A deep copy of ``model`` with every foldable BN folded into its conv; ``model`` is untouched.
+
+    For "train in tune, ship deploy". The copy is put in ``eval()``.
+
+    Example:
+        >>> import convbn, torch
+        >>> m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
+        >>> shipped = convbn.deploy(m)
+        >>> type(shipped[1]).__name__, type(m[1]).__name__
+        ('Identity', 'BatchNorm2d')
+    """
+    _check_model(model, "deploy")
+    return convert(copy.deepcopy(model), "deploy", example_inputs=example_inputs, filter_fn=filter_fn).eval()

@@ -1,0 +1,185 @@
+"""Analysis -> plan: the mode each block will run in, and why. The report the user sees *is* the plan."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .errors import ConvBNError
+from .match import Analysis, Candidate
+
+__all__ = ["MODES", "BlockReport", "Report", "make_plan"]
+
+MODES = ("train", "eval", "tune", "deploy")
+_RUNNING_STAT_MODES = ("eval", "tune", "deploy")
+
+FilterFn = Callable[[nn.Module, str], bool]
+
+
+@dataclass(frozen=True)
+class BlockReport:
+    """One row of the report: a BatchNorm, the layer before it, and what convbn does with them.
+
+    Attributes:
+        conv: qualified name of the Conv/Linear (``None`` if the BN does not follow one).
+        bn: qualified name of the BatchNorm.
+        kind: e.g. ``"Conv2d->BatchNorm2d"``.
+        mode: the mode the block actually runs in.
+        status: ``"converted"`` (runs in the requested mode), ``"fallback"`` (runs in another mode
+            with the same function, e.g. eval instead of tune; see ``reason``), ``"skipped"``
+            (left as plain PyTorch; see ``reason``).
+        reason: why it is not ``"converted"``, or a note; empty otherwise.
+    """
+
+    conv: Optional[str]
+    bn: str
+    kind: str
+    mode: str
+    status: str
+    reason: str = ""
+
+
+class Report:
+    """The plan of a conversion: one :class:`BlockReport` per BatchNorm, printable as a table.
+
+    Example:
+        >>> import convbn, torch
+        >>> m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+        >>> print(convbn.report(convbn.convert(m, "tune")).rows[0].status)
+        converted
+    """
+
+    def __init__(self, rows: List[BlockReport], requested_mode: str, method: str, applied: bool,
+                 notes: Optional[List[str]] = None):
+        self.rows: Tuple[BlockReport, ...] = tuple(rows)
+        self.requested_mode = requested_mode
+        self.method = method
+        self.applied = applied
+        self.notes = list(notes or [])
+
+    def __iter__(self) -> Iterator[BlockReport]:
+        return iter(self.rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def by_status(self, status: str) -> List[BlockReport]:
+        return [r for r in self.rows if r.status == status]
+
+    @property
+    def converted(self) -> List[BlockReport]:
+        return self.by_status("converted")
+
+    @property
+    def skipped(self) -> List[BlockReport]:
+        return [r for r in self.rows if r.status != "converted"]
+
+    def summary(self) -> str:
+        counts = {s: len(self.by_status(s)) for s in ("converted", "fallback", "skipped")}
+        head = (f"convbn: mode '{self.requested_mode}'" if self.applied
+                else f"convbn (not converted; what convert(model, '{self.requested_mode}') would do)")
+        return (f"{head}: {counts['converted']} converted, {counts['fallback']} fallback, "
+                f"{counts['skipped']} skipped of {len(self.rows)} BatchNorm blocks (found by {self.method})")
+
+    def __str__(self) -> str:
+        cols = ("conv", "bn", "kind", "mode", "status", "reason")
+        table = [cols] + [(r.conv or "-", r.bn, r.kind, r.mode, r.status, r.reason) for r in self.rows]
+        widths = [max(len(row[i]) for row in table) for i in range(5)]
+        lines = [self.summary()]
+        for row in table:
+            lines.append("  ".join(c.ljust(w) for c, w in zip(row[:5], widths)) + "  " + row[5])
+        lines.extend(f"note: {n}" for n in self.notes)
+        return "\n".join(line.rstrip() for line in lines)
+
+    def __repr__(self) -> str:
+        return f"<convbn.Report {self.summary()}>"
+
+
+def _call_filter(filter_fn: FilterFn, module: nn.Module, name: str) -> bool:
+    try:
+        keep = filter_fn(module, name)
+    except Exception as e:
+        raise ConvBNError(
+            f"filter_fn raised {type(e).__name__}: {e} when called as filter_fn({type(module).__name__}, {name!r}). "
+            f"filter_fn(module, qualified_name) must return True to convert the block, False to leave it"
+        ) from e
+    if not isinstance(keep, bool):
+        raise TypeError(
+            f"filter_fn must return a bool, got {type(keep).__name__} ({keep!r}) for {name!r}. "
+            f"Example: filter_fn=lambda module, name: name.startswith('backbone.')")
+    return keep
+
+
+def _running_stats_problem(bn: nn.Module, bn_name: str) -> Optional[str]:
+    if not bn.track_running_stats or bn.running_var is None or bn.running_mean is None:
+        return (f"`{bn_name}` has track_running_stats=False: it always normalizes with batch statistics, which "
+                f"cannot be frozen or folded; it stays plain PyTorch")
+    rv, rm = bn.running_var.detach(), bn.running_mean.detach()
+    if not bool(torch.isfinite(rv).all()) or not bool(torch.isfinite(rm).all()):
+        return (f"`{bn_name}` has non-finite running statistics (NaN/inf), so its eval output would be NaN; "
+                f"reload a good checkpoint or re-estimate the statistics in train mode")
+    if bool((rv < 0).any()):
+        return (f"`{bn_name}` has a negative running_var (min {rv.min().item():.3g}); a variance cannot be "
+                f"negative, so this checkpoint is corrupt; reload it or re-estimate the statistics")
+    return None
+
+
+def make_plan(analysis: Analysis, mode: str, filter_fn: Optional[FilterFn]) -> List[Tuple[Candidate, BlockReport]]:
+    """Decide, for every BatchNorm found, the mode it will run in and why.
+
+    Requested ``eval``/``tune``/``deploy``: a block that cannot be folded but whose BN has sound
+    running statistics runs in ``eval`` (status ``fallback``), so the whole model computes the same
+    function as ``convert(model, "eval")`` -- frozen statistics everywhere, never a silent mix.
+    """
+    plan: List[Tuple[Candidate, BlockReport]] = []
+    for cand in analysis.candidates:
+        conv_name, bn_name, kind = cand.conv_name, cand.bn_name, cand.kind
+        select_module, select_name = (cand.conv, conv_name) if cand.conv is not None else (cand.bn, bn_name)
+
+        def row(run_mode: str, status: str, reason: str = "") -> None:
+            plan.append((cand, BlockReport(conv_name, bn_name, kind, run_mode, status, reason)))
+
+        if filter_fn is not None and not _call_filter(filter_fn, select_module, select_name):
+            row("train", "skipped", "not selected by filter_fn")
+            continue
+        custom_bn = type(cand.bn).forward is not nn.modules.batchnorm._BatchNorm.forward and \
+            type(cand.bn).forward is not nn.SyncBatchNorm.forward
+        if mode == "train":
+            row("train", "converted")
+            continue
+        problem = _running_stats_problem(cand.bn, bn_name)
+        if problem:
+            row("train", "skipped", problem)
+            continue
+        if custom_bn:
+            row("train", "skipped", cand.reason or f"`{bn_name}` overrides forward(); convbn leaves it alone")
+            continue
+        if mode == "eval":
+            row("eval", "converted")
+            continue
+        reason = cand.reason
+        if reason is None and mode == "deploy" and isinstance(cand.conv, nn.Linear) and cand.layer_output_dim != 2:
+            reason = (f"Linear->BatchNorm1d `{conv_name}` can only be folded for 2-D input, and without "
+                      f"example_inputs convbn cannot prove the input is 2-D; pass example_inputs")
+            if cand.layer_output_dim is not None:
+                reason = (f"`{conv_name}` outputs {cand.layer_output_dim}-D tensors: BatchNorm1d then normalizes "
+                          f"axis 1, not the Linear's features, so folding would be wrong")
+        if reason is None and mode == "deploy" and _is_parametrized(cand.conv):
+            reason = (f"`{conv_name}`'s weight is parametrized (torch.nn.utils.parametrize); deploy replaces the "
+                      f"weight. Call parametrize.remove_parametrizations first, or use tune")
+        if reason is None and mode == "tune" and isinstance(cand.conv, nn.Linear) and cand.layer_output_dim not in (None, 2):
+            reason = (f"`{conv_name}` outputs {cand.layer_output_dim}-D tensors: BatchNorm1d then normalizes "
+                      f"axis 1, not the Linear's features, so folding would be wrong")
+        if reason is not None:
+            row("eval", "fallback", f"{reason} -> runs in eval mode (same function, no saving)")
+            continue
+        row(mode, "converted")
+    return plan
+
+
+def _is_parametrized(module: Optional[nn.Module]) -> bool:
+    return module is not None and torch.nn.utils.parametrize.is_parametrized(module)

@@ -1,0 +1,182 @@
+"""What runs: per-block state and the forwards convbn installs on the user's own modules.
+
+convbn never swaps a module, a class or a parameter in train/eval/tune. It sets ``forward`` on the
+*instance* of the conv and/or BN (``nn.Module.__call__`` looks the instance attribute up first), so
+hooks, ``state_dict``, parameter names and objects, ``deepcopy``, pickling and ``.to()`` all keep
+working, and ``revert`` just deletes the attribute. The mode is read at call time, so switching
+modes mid-training is a field update.
+
+In tune mode the conv's forward returns the *block* output ``bn_eval(conv(x))`` and the BN's forward
+passes it through. The BN checks that what it receives is the very tensor its conv just produced;
+if a hook or unseen control flow broke that data flow it raises instead of being silently wrong.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import ConvBNError
+from .functions.tune import ConvSpec, TuneConvBNFunction
+
+__all__ = ["Block", "install", "uninstall", "installed_block"]
+
+
+def _is_compiling() -> bool:
+    try:
+        return torch.compiler.is_compiling()
+    except AttributeError:  # pragma: no cover - torch < 2.3
+        return False
+
+
+class Block:
+    """Runtime state of one converted Conv/Linear -> BN block (shared by its two installed forwards)."""
+
+    def __init__(self, conv: Optional[nn.Module], bn: nn.Module, conv_name: Optional[str], bn_name: str, mode: str):
+        if mode == "tune" and conv is None:
+            raise ValueError("tune needs the conv/linear the BN follows")
+        self.conv, self.bn = conv, bn  # conv is None for a BN that follows no layer (eval only)
+        self.conv_name, self.bn_name = conv_name, bn_name
+        self.mode = mode
+        self.fallback_reason: Optional[str] = None  # set when a call had to run unfused (never silent)
+        self._pending: Optional[weakref.ref] = None
+        self._pending_fused = False
+
+    # pickling / deepcopy: the weakref to the last output is transient state
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_pending"] = None
+        return state
+
+    # ---------------------------------------------------------------- conv / linear
+    def conv_forward(self, input: Tensor, output_size: Optional[List[int]] = None) -> Tensor:
+        conv, bn = self.conv, self.bn
+        if self.mode != "tune":  # eval: the conv is stock
+            return _stock_layer_forward(conv, input, output_size)
+        if isinstance(conv, nn.Linear):
+            if input.dim() != 2:
+                # BatchNorm1d on 3-D input normalizes axis 1, not the Linear's feature axis: not foldable.
+                self.fallback_reason = (f"`{self.conv_name}` got a {input.dim()}-D input; BatchNorm1d's channel "
+                                        f"axis is then not the Linear's features, so this call ran unfused (eval)")
+                out = F.linear(input, conv.weight, conv.bias)
+                self._mark(out, fused=False)
+                return out
+            spec = None
+            x = input
+        else:
+            x, spec = _conv_input_and_spec(conv, input, output_size)
+        affine = bn.affine
+        out = TuneConvBNFunction.apply(
+            x, conv.weight, conv.bias, bn.weight if affine else None, bn.bias if affine else None,
+            bn.running_mean, bn.running_var, float(bn.eps), spec)
+        self._mark(out, fused=True)
+        return out
+
+    def _mark(self, out: Tensor, fused: bool) -> None:
+        if not _is_compiling():
+            self._pending = weakref.ref(out)
+            self._pending_fused = fused
+
+    # ---------------------------------------------------------------- batch norm
+    def bn_forward(self, input: Tensor) -> Tensor:
+        bn = self.bn
+        if self.mode == "tune":
+            if _is_compiling():
+                return input
+            pending = self._pending() if self._pending is not None else None
+            self._pending = None
+            if pending is not input:
+                raise ConvBNError(
+                    f"`{self.bn_name}` received a tensor that is not the output of `{self.conv_name}`. In tune mode "
+                    f"convbn folded this BN into that conv, so it must be applied to that conv's output directly; "
+                    f"something (a forward hook that replaced a tensor, or control flow the trace did not see) "
+                    f"changed the data flow. Exclude this block with filter_fn, or convbn.revert(model)")
+            if self._pending_fused:
+                return input
+        # eval (or an unfused tune call): BN with running statistics, trainable affine
+        bn._check_input_dim(input)
+        return F.batch_norm(input, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+
+
+def _stock_layer_forward(conv: nn.Module, input: Tensor, output_size: Optional[List[int]]) -> Tensor:
+    fwd = type(conv).forward
+    if output_size is not None:
+        return fwd(conv, input, output_size)
+    return fwd(conv, input)
+
+
+def _conv_input_and_spec(conv: nn.Module, input: Tensor, output_size: Optional[List[int]]) -> Tuple[Tensor, ConvSpec]:
+    """The input to convolve (padded here when the conv pads itself) and the integer geometry."""
+    n = conv.weight.dim() - 2
+    if input.dim() != n + 2:
+        raise ValueError(
+            f"{type(conv).__name__} followed by BatchNorm expected a batched {n + 2}-D input "
+            f"(got {input.dim()}-D); add a batch dimension with input.unsqueeze(0)")
+    transposed = bool(conv.transposed)
+    stride, dilation = tuple(conv.stride), tuple(conv.dilation)
+    x = input
+    if transposed:
+        padding = tuple(conv.padding)
+        output_padding = tuple(conv._output_padding(
+            input, output_size, list(conv.stride), list(conv.padding), list(conv.kernel_size), n,
+            list(conv.dilation)))
+        return x, ConvSpec(stride, padding, dilation, True, output_padding, conv.groups)
+    if conv.padding_mode != "zeros":
+        x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+        padding = (0,) * n
+    elif conv.padding == "valid":
+        padding = (0,) * n
+    elif conv.padding == "same":
+        # torch pads (total // 2) left and the rest right; odd totals need one extra on the right
+        total = [d * (k - 1) for d, k in zip(dilation, conv.kernel_size)]
+        padding = tuple(t // 2 for t in total)
+        extra: List[int] = []
+        for t in reversed(total):
+            extra += [0, t - 2 * (t // 2)]
+        if any(extra):
+            x = F.pad(x, extra)
+    else:
+        padding = tuple(conv.padding)
+    return x, ConvSpec(stride, padding, dilation, False, (0,) * n, conv.groups)
+
+
+class _InstalledForward:
+    """Picklable callable set as ``module.forward`` on the instance."""
+
+    _convbn_installed = True
+
+    def __init__(self, block: Block, role: str):
+        self.block, self.role = block, role
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Tensor:
+        if self.role == "conv":
+            return self.block.conv_forward(*args, **kwargs)
+        return self.block.bn_forward(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<convbn {self.block.mode} forward of `{getattr(self.block, self.role + '_name')}`>"
+
+
+def installed_block(module: nn.Module) -> Optional[Block]:
+    fwd = module.__dict__.get("forward")
+    return fwd.block if isinstance(fwd, _InstalledForward) else None
+
+
+def install(block: Block) -> None:
+    """Set the instance forwards a block's mode needs (eval: BN only; tune: conv and BN)."""
+    if block.conv is not None:
+        uninstall(block.conv)
+    uninstall(block.bn)
+    if block.mode in ("eval", "tune"):
+        block.bn.forward = _InstalledForward(block, "bn")
+    if block.mode == "tune":
+        block.conv.forward = _InstalledForward(block, "conv")
+
+
+def uninstall(module: nn.Module) -> None:
+    if isinstance(module.__dict__.get("forward"), _InstalledForward):
+        del module.__dict__["forward"]

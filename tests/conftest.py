@@ -1,0 +1,89 @@
+"""Shared fixtures: realistic BatchNorm statistics and reference comparisons."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+
+def randomize_bn(bn: nn.Module, generator: Optional[torch.Generator] = None) -> nn.Module:
+    """Give a BN realistic, non-trivial statistics: gamma/sqrt(var+eps) log-uniform in [0.05, 20],
+    var log-uniform in [1e-2, 4], non-zero means, signed gamma, non-zero beta."""
+    g = generator or torch.Generator().manual_seed(1234)
+    c = bn.num_features
+    with torch.no_grad():
+        if bn.track_running_stats:
+            var = torch.exp(torch.empty(c).uniform_(math.log(1e-2), math.log(4.0), generator=g))
+            bn.running_var.copy_(var)
+            bn.running_mean.copy_(torch.randn(c, generator=g) * 2.0)
+            bn.num_batches_tracked.fill_(100)
+        else:
+            var = torch.ones(c)
+        if bn.affine:
+            scale = torch.exp(torch.empty(c).uniform_(math.log(0.05), math.log(20.0), generator=g))
+            sign = torch.where(torch.rand(c, generator=g) < 0.2, -1.0, 1.0)
+            bn.weight.copy_(sign * scale * torch.sqrt(var + bn.eps))
+            bn.bias.copy_(torch.randn(c, generator=g))
+    return bn
+
+
+def randomize_all_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, _BatchNorm):
+            randomize_bn(m, g)
+    return model
+
+
+@torch.no_grad()
+def calibrate_bn(model: nn.Module, x: torch.Tensor, seed: int = 0) -> nn.Module:
+    """Realistic statistics for a deep net: measure true batch statistics (cumulative average over
+    one forward), then perturb: var x log-uniform[0.5, 2], mean + 0.3 std noise, gamma in +-[0.3, 3].
+    Keeps activations finite through 50+ layers where fully random statistics would overflow."""
+    g = torch.Generator().manual_seed(seed)
+    bns = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    training = model.training
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    model(x)
+    for m in bns:
+        m.momentum = 0.1
+        c = m.num_features
+        std = m.running_var.sqrt()
+        m.running_mean.add_(0.3 * std * torch.randn(c, generator=g))
+        m.running_var.mul_(torch.exp(torch.empty(c).uniform_(math.log(0.5), math.log(2.0), generator=g)))
+        if m.affine:
+            m.weight.copy_(torch.exp(torch.empty(c).uniform_(math.log(0.3), math.log(3.0), generator=g)))
+            m.bias.copy_(0.2 * torch.randn(c, generator=g))
+    model.train(training)
+    return model
+
+
+def max_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |a - e| / max |e| (a scale-aware error for tensors whose values span orders of magnitude)."""
+    denom = expected.detach().abs().max().clamp_min(1e-30)
+    return float((actual.detach().to(expected.dtype) - expected.detach()).abs().max() / denom)
+
+
+def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rel: float, what: str = "") -> None:
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(expected).all(), f"{what}: reference is not finite"
+    err = max_rel_err(actual, expected)
+    assert err <= rel, f"{what}: max relative error {err:.3g} > {rel:.1g}"
+
+
+def grads_of(out: torch.Tensor, tensors: Iterable[torch.Tensor], grad_out: torch.Tensor):
+    ts = list(tensors)
+    return torch.autograd.grad(out, ts, grad_out, allow_unused=True)
+
+
+@pytest.fixture
+def rng() -> torch.Generator:
+    return torch.Generator().manual_seed(0)

@@ -1,0 +1,116 @@
+import copy
+
+import pytest
+import torch
+
+from conftest import assert_close_rel
+from convbn.functions.tune import ConvSpec, TuneConvBNFunction, tune_conv_bn
+from convbn.bench.memory import saved_tensor_bytes
+from layer_cases import block_params, make_block
+
+
+def _tune_call(layer, bn, x):
+    linear = isinstance(layer, torch.nn.Linear)
+    kw = {} if linear else dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
+                                groups=layer.groups, transposed=layer.transposed,
+                                output_padding=layer.output_padding)
+    return tune_conv_bn(x, layer.weight, layer.bias, bn.running_mean, bn.running_var,
+                        bn.weight if bn.affine else None, bn.bias if bn.affine else None, bn.eps,
+                        linear=linear, **kw)
+
+
+def _params(layer, bn):
+    ps = [layer.weight] + ([layer.bias] if layer.bias is not None else [])
+    return ps + ([bn.weight, bn.bias] if bn.affine else [])
+
+
+@pytest.mark.parametrize("kind,bias,affine,groups", block_params())
+def test_tune_equals_eval_forward_and_all_gradients(kind, bias, affine, groups):
+    layer, bn, x = make_block(kind, bias, affine, groups)
+    bn.eval()
+    ref_layer, ref_bn = copy.deepcopy(layer), copy.deepcopy(bn)
+    x_ref = x.clone().requires_grad_(True)
+    x = x.clone().requires_grad_(True)
+    expected = ref_bn(ref_layer(x_ref))
+    out = _tune_call(layer, bn, x)
+    assert_close_rel(out, expected, 2e-6, "output")
+    g = torch.randn_like(expected)
+    got = torch.autograd.grad(out, [x] + _params(layer, bn), g)
+    want = torch.autograd.grad(expected, [x_ref] + _params(ref_layer, ref_bn), g)
+    names = ["x", "weight", "bias", "gamma", "beta"] if bias else ["x", "weight", "gamma", "beta"]
+    for name, a, b in zip(names, got, want):
+        assert_close_rel(a, b, 2e-5, f"grad {name}")
+    # running statistics are buffers: untouched
+    assert torch.equal(bn.running_mean, ref_bn.running_mean) and torch.equal(bn.running_var, ref_bn.running_var)
+
+
+@pytest.mark.parametrize("kind,groups,second_order", [
+    ("Conv2d", 1, True), ("Conv1d", 2, False), ("ConvTranspose2d", 2, False), ("ConvTranspose3d", 1, False),
+    ("ConvTranspose1d", 2, True), ("Linear", 1, True)])
+def test_gradcheck_float64(kind, groups, second_order):
+    layer, bn, x = make_block(kind, True, True, groups, c_in=2, c_out=4)
+    layer, bn = layer.double(), bn.double().eval()
+    x = x[:3] if x.dim() == 2 else x[(slice(0, 2), slice(None)) + (slice(0, {3: 5, 4: 4, 5: 3}[x.dim()]),) * (x.dim() - 2)]
+    x = x.double().contiguous().requires_grad_(True)
+    inputs = (x, layer.weight, layer.bias, bn.weight, bn.bias)
+    spec = None if kind == "Linear" else ConvSpec(tuple(layer.stride), tuple(layer.padding), tuple(layer.dilation),
+                                                  layer.transposed, tuple(layer.output_padding), layer.groups)
+
+    def fn(x, w, b, gamma, beta):
+        return TuneConvBNFunction.apply(x, w, b, gamma, beta, bn.running_mean, bn.running_var, bn.eps, spec)
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5)
+    if second_order:  # backward is built from differentiable ops: double backward (e.g. gradient penalty) works
+        assert torch.autograd.gradgradcheck(fn, inputs, eps=1e-6, atol=1e-4)
+
+
+def test_only_needed_gradients_are_computed():
+    layer, bn, x = make_block("Conv2d", True, True, 1)
+    bn.eval()
+    layer.weight.requires_grad_(False)
+    bn.weight.requires_grad_(False)
+    out = _tune_call(layer, bn, x)  # x does not require grad
+    out.sum().backward()
+    assert layer.weight.grad is None and bn.weight.grad is None
+    assert layer.bias.grad is not None and bn.bias.grad is not None
+
+
+def test_saves_only_input_and_vectors_like_deploy():
+    layer, bn, x = make_block("Conv2d", False, True, 1, c_in=8, c_out=16)
+    bn.eval()
+    x = torch.randn(4, 8, 32, 32)
+    tune_bytes = saved_tensor_bytes(lambda: _tune_call(layer, bn, x))
+    eval_bytes = saved_tensor_bytes(lambda: bn(layer(x)))
+    deploy = copy.deepcopy(layer)
+    deploy_bytes = saved_tensor_bytes(lambda: deploy(x))
+    y_bytes = layer(x).numel() * 4  # the conv output eval keeps alive
+    assert eval_bytes - tune_bytes >= y_bytes
+    # tune saves x + weight (like deploy) + gamma and two [C] vectors
+    assert tune_bytes - deploy_bytes <= 3 * 16 * 4
+
+
+def test_autocast_bf16_folds_in_float32():
+    layer, bn, x = make_block("Conv2d", True, True, 1)
+    bn.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = bn(layer(x))
+        out = _tune_call(layer, bn, x)
+    exact = copy.deepcopy(bn).double()(copy.deepcopy(layer).double()(x.double()))
+    assert out.dtype == torch.bfloat16
+    err_eval = (expected.double() - exact).abs().max()
+    err_tune = (out.double() - exact).abs().max()
+    # the fold adds no error of its own: tune is no worse than eval under the same autocast
+    assert err_tune <= 1.5 * err_eval
+    out.float().sum().backward()
+    assert layer.weight.grad.dtype == torch.float32 and torch.isfinite(layer.weight.grad).all()
+
+
+def test_half_precision_parameters():
+    layer, bn, x = make_block("Conv2d", True, True, 1)
+    bn.eval()
+    ref = copy.deepcopy(bn).double()(copy.deepcopy(layer).double()(x.double()))
+    layer16, bn16 = copy.deepcopy(layer).to(torch.bfloat16), copy.deepcopy(bn).to(torch.bfloat16)
+    out = _tune_call(layer16, bn16, x.to(torch.bfloat16))
+    plain = bn16(layer16(x.to(torch.bfloat16)))
+    assert out.dtype == torch.bfloat16
+    assert (out.double() - ref).abs().max() <= 1.5 * (plain.double() - ref).abs().max()

@@ -1,0 +1,51 @@
+"""Layer factories shared by the fold / tune / convert tests."""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from torch import nn
+
+from conftest import randomize_bn
+
+KINDS = ["Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "Linear"]
+_BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+
+
+def block_params():
+    """(kind, bias, affine, groups) for every layer kind; Linear has no groups."""
+    return [(k, b, a, g) for k in KINDS for b in (True, False) for a in (True, False) for g in (1, 2)
+            if not (k == "Linear" and g == 2)]
+
+
+def dims_of(kind: str) -> int:
+    return 0 if kind == "Linear" else int(kind[-2])
+
+
+def make_block(kind: str, bias: bool, affine: bool, groups: int, seed: int = 0,
+               c_in: int = 4, c_out: int = 6) -> Tuple[nn.Module, nn.Module, torch.Tensor]:
+    """A (layer, bn, input) triple with non-trivial geometry and realistic BN statistics."""
+    torch.manual_seed(seed)
+    if kind == "Linear":
+        layer = nn.Linear(c_in * 3, c_out, bias=bias)
+        bn = nn.BatchNorm1d(c_out, affine=affine)
+        x = torch.randn(8, c_in * 3)
+    else:
+        n = dims_of(kind)
+        cls = getattr(nn, kind)
+        kw = dict(kernel_size=3, stride=2, padding=1, dilation=1, groups=groups, bias=bias)
+        if kind.startswith("ConvTranspose"):
+            kw.update(output_padding=1)
+        else:
+            kw.update(dilation=2 if n < 3 else 1)
+        layer = cls(c_in, c_out, **kw)
+        bn = _BN[n](c_out, affine=affine)
+        size = {1: (9,), 2: (7, 6), 3: (5, 4, 5)}[n]
+        x = torch.randn(3, c_in, *size)
+    with torch.no_grad():
+        layer.weight.mul_(2.0)
+        if bias:
+            layer.bias.normal_(0, 1)
+    randomize_bn(bn, torch.Generator().manual_seed(seed + 7))
+    return layer, bn, x
