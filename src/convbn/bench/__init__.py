@@ -1,0 +1,1 @@
+"""Measuring: bytes saved for backward, peak live tensor bytes, interleaved timing."""

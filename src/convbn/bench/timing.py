@@ -1,0 +1,207 @@
+"""Interleaved wall-clock timing: medians and per-round ratios that survive machine drift.
+
+Timing variant A for a while and then variant B lets thermal throttling, a noisy neighbour or a
+frequency change land on one of them only. Here every round runs each variant once, in an order
+that rotates (or is shuffled) from round to round, so drift hits all variants alike; the ratio of
+two variants is taken *within* each round and then summarised across rounds.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Sequence, Tuple
+
+__all__ = ["Ratio", "TimingResult", "interleaved_timings", "round_orders"]
+
+
+def _quantile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolation quantile (numpy's default) of a non-empty sequence."""
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """Summary over rounds of ``t_a / t_b`` (each ratio taken within one round).
+
+    Attributes:
+        median: median of the per-round ratios.
+        low, high: smallest and largest per-round ratio.
+        q1, q3: 25th and 75th percentiles (linear interpolation).
+        values: the per-round ratios, in round order.
+    """
+
+    median: float
+    low: float
+    high: float
+    q1: float
+    q3: float
+    values: Tuple[float, ...]
+
+    @property
+    def iqr(self) -> float:
+        return self.q3 - self.q1
+
+    def __str__(self) -> str:
+        return f"{self.median:.3f}x (IQR {self.q1:.3f}-{self.q3:.3f}, range {self.low:.3f}-{self.high:.3f})"
+
+
+@dataclass(frozen=True)
+class TimingResult:
+    """Per-round seconds of each variant, from :func:`interleaved_timings`.
+
+    Attributes:
+        times: variant name -> seconds of each round, in round order.
+        orders: the order the variants ran in, for each round.
+    """
+
+    times: Dict[str, List[float]]
+    orders: List[Tuple[str, ...]] = field(default_factory=list)
+
+    def _series(self, name: str) -> List[float]:
+        if name not in self.times:
+            raise KeyError(f"no variant named {name!r}; the variants timed are {sorted(self.times)}")
+        return self.times[name]
+
+    def median(self, name: str) -> float:
+        """Median seconds of variant ``name`` over the rounds."""
+        return statistics.median(self._series(name))
+
+    def medians(self) -> Dict[str, float]:
+        """Median seconds of every variant."""
+        return {name: self.median(name) for name in self.times}
+
+    def ratio(self, a: str, b: str) -> Ratio:
+        """Median and spread over rounds of ``t_a / t_b`` (> 1 means ``a`` is slower).
+
+        Args:
+            a: numerator variant.
+            b: denominator variant (usually the baseline).
+
+        Returns:
+            A :class:`Ratio`.
+
+        Example:
+            >>> r = TimingResult({"new": [1.0, 2.0, 3.0], "old": [2.0, 2.0, 2.0]})
+            >>> r.ratio("new", "old").median, r.ratio("new", "old").high
+            (1.0, 1.5)
+        """
+        ta, tb = self._series(a), self._series(b)
+        if any(t <= 0 for t in tb):
+            raise ValueError(f"variant {b!r} has a round that took no time ({tb}); the clock is too "
+                             f"coarse for it -- make each call do more work (e.g. loop inside it).")
+        values = tuple(x / y for x, y in zip(ta, tb))
+        return Ratio(median=statistics.median(values), low=min(values), high=max(values),
+                     q1=_quantile(values, 0.25), q3=_quantile(values, 0.75), values=values)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Raw numbers and medians, ready for ``json.dump``."""
+        return {"times": {k: list(v) for k, v in self.times.items()},
+                "orders": [list(o) for o in self.orders],
+                "medians": self.medians()}
+
+    def __str__(self) -> str:
+        width = max([len(n) for n in self.times] + [7])
+        lines = [f"{'variant':<{width}}  median s   min s      max s"]
+        for name, ts in self.times.items():
+            lines.append(f"{name:<{width}}  {statistics.median(ts):<9.4g}  {min(ts):<9.4g}  {max(ts):<9.4g}")
+        return "\n".join(lines)
+
+
+def round_orders(names: Sequence[str], rounds: int, *, order: str = "rotate", seed: int = 0
+                 ) -> List[Tuple[str, ...]]:
+    """The order variants run in, for each round.
+
+    Args:
+        names: variant names.
+        rounds: number of rounds.
+        order: ``"rotate"`` (round ``r`` starts at variant ``r mod n``, so each variant is first
+            equally often) or ``"shuffle"`` (a seeded random permutation per round).
+        seed: seed for ``"shuffle"``.
+
+    Returns:
+        One tuple of names per round.
+
+    Example:
+        >>> round_orders(["a", "b", "c"], 4)
+        [('a', 'b', 'c'), ('b', 'c', 'a'), ('c', 'a', 'b'), ('a', 'b', 'c')]
+    """
+    names = list(names)
+    if order == "rotate":
+        n = len(names)
+        return [tuple(names[(r + i) % n] for i in range(n)) for r in range(rounds)]
+    if order == "shuffle":
+        rng = random.Random(seed)
+        out = []
+        for _ in range(rounds):
+            perm = names[:]
+            rng.shuffle(perm)
+            out.append(tuple(perm))
+        return out
+    raise ValueError(f"order must be 'rotate' or 'shuffle', got {order!r}.")
+
+
+def interleaved_timings(variants: Mapping[str, Callable[[], Any]], *, rounds: int = 10,
+                        warmup: int = 2, order: str = "rotate", seed: int = 0,
+                        clock: Callable[[], float] = time.perf_counter,
+                        collect_garbage: bool = True) -> TimingResult:
+    """Time several variants of the same work, interleaved round by round.
+
+    Each variant is first called ``warmup`` times (untimed; warm-ups are interleaved too). Then
+    every round calls each variant once, in the order given by :func:`round_orders`, and records
+    its wall-clock seconds. Garbage is collected before each timed call (outside the timing) so a
+    collection triggered by one variant is not billed to the next.
+
+    Args:
+        variants: name -> zero-argument callable doing one unit of work (e.g. one training step).
+        rounds: timed rounds (>= 1); medians and ratios are over these.
+        warmup: untimed calls of each variant before the first round (>= 0).
+        order: ``"rotate"`` or ``"shuffle"``, see :func:`round_orders`.
+        seed: seed for ``"shuffle"``.
+        clock: returns seconds; injectable for tests.
+        collect_garbage: run ``gc.collect()`` before each timed call.
+
+    Returns:
+        A :class:`TimingResult`; use ``.median(name)`` and ``.ratio(a, b)``.
+
+    Example:
+        >>> import torch
+        >>> x = torch.randn(64, 64)
+        >>> res = interleaved_timings({"mm": lambda: x @ x, "add": lambda: x + x}, rounds=3, warmup=1)
+        >>> sorted(res.medians()), len(res.times["mm"]), res.ratio("mm", "add").median > 0
+        (['add', 'mm'], 3, True)
+    """
+    if not variants:
+        raise ValueError("variants is empty; pass a dict like {'eval': step_eval, 'tune': step_tune}.")
+    for name, fn in variants.items():
+        if not callable(fn):
+            raise TypeError(f"variant {name!r} is a {type(fn).__name__}, not a callable; pass a "
+                            f"zero-argument function, e.g. lambda: model(x).sum().backward().")
+    if not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds must be an int >= 1, got {rounds!r}.")
+    if not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be an int >= 0, got {warmup!r}.")
+
+    names = list(variants)
+    for _ in range(warmup):
+        for name in names:
+            variants[name]()
+
+    orders = round_orders(names, rounds, order=order, seed=seed)
+    times: Dict[str, List[float]] = {name: [] for name in names}
+    for round_order in orders:
+        for name in round_order:
+            if collect_garbage:
+                gc.collect()
+            fn = variants[name]
+            start = clock()
+            fn()
+            times[name].append(clock() - start)
+    return TimingResult(times=times, orders=orders)

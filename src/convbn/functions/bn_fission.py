@@ -1,0 +1,730 @@
+"""Train-mode BatchNorm(+ReLU) by Fission (seed paper 002, Sec. 3.2, Fig. 5).
+
+The forward pass is split into two sub-layers and each is a single memory sweep:
+
+* **sub-BN1 (statistics, MVF).** Per channel, the mean and the biased variance come from *one* read
+  of ``x``. The paper's ``V(X) = E(X^2) - E(X)^2`` loses every digit when ``mean >> std``, so we
+  accumulate sums of the *shifted* data ``d = x - K`` (``K`` = mean of the channel's first few
+  elements, so ``|mean(d)|`` is of order ``std``) in short float blocks flushed to float64:
+  ``var = E(d^2) - E(d)^2`` then has no cancellation worth speaking of.
+* **sub-BN2 (normalize + affine + ReLU).** One pass reading ``x`` and writing one tensor,
+  ``z = max(((x - mean) * invstd) * gamma + beta, 0)``, computed as ``((x - m_hi) - m_lo) * a + beta``
+  with the float64 mean split into two floats so ``x - mean`` stays exact when ``mean >> std``.
+
+The backward pass is split the same way (Fig. 5b): one reduction sweep over ``(dy, x, z)`` for
+``sum(g)`` and ``sum(g * (x - mean))`` (``g = dy * (z > 0)``, the ReLU mask read from the *saved
+output*, never a stored bool tensor), giving ``dbeta`` and ``dgamma``; then one elementwise sweep
+writing ``dx = a * g + b * (x - mean) + e`` with per-channel ``a, b, e``. Saved for backward: ``x``,
+the output ``z`` (only with ``relu=True``; the following conv keeps it alive anyway) and float64
+per-channel vectors.
+
+The four sweeps are a small C++/OpenMP kernel (no torch headers, built once with the system C++
+compiler into ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/convbn``, loaded with ``ctypes``) for float32 and
+float64 in contiguous (``N, C, L``) or channels-last (``N, L, C``) layout. If the build fails, or for
+other dtypes, a pure-torch implementation with the same semantics runs instead (it warns once). Each
+sweep is a ``torch.library.custom_op`` with a fake implementation, so ``torch.compile`` traces the
+op without graph breaks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+from typing import Iterator, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "BNReLUTrainFunction",
+    "bn_relu_train",
+    "bn_relu_train_forward",
+    "bn_relu_train_backward",
+    "extension_available",
+    "use_extension",
+]
+
+# --------------------------------------------------------------------------------------------
+# The C++ kernel. Layout 0 = "NCL" (contiguous: N*C planes of L elements), 1 = "NLC" (channels
+# last: N*L rows of C elements). Per-channel inputs/outputs are float64 arrays of length C.
+# --------------------------------------------------------------------------------------------
+_CPP_SOURCE = r"""
+#include <omp.h>
+#include <stdint.h>
+#include <math.h>
+#include <vector>
+#include <algorithm>
+
+namespace {
+const int64_t BLK = 2048;   // elements per float partial sum (NCL) before flushing to double
+const int64_t RBLK = 128;   // rows per float partial sum (NLC)
+
+template <typename T> void shift_of(const T* x, int64_t N, int64_t C, int64_t L, int nlc, T* K) {
+  // K[c] = mean of the channel's first <= 16 elements; x - K is then O(std) in magnitude.
+  int64_t k = std::min<int64_t>(nlc ? N * L : L, 16);
+  for (int64_t c = 0; c < C; ++c) {
+    double s = 0;
+    for (int64_t i = 0; i < k; ++i) s += nlc ? (double)x[i * C + c] : (double)x[c * L + i];
+    K[c] = (T)(s / (double)k);
+  }
+}
+
+template <typename T>
+void stats(const T* x, int64_t N, int64_t C, int64_t L, int nlc, int nt, double* mean, double* var) {
+  const int64_t M = N * L;
+  std::vector<T> K(C);
+  shift_of(x, N, C, L, nlc, K.data());
+  std::vector<double> S(C, 0.0), SS(C, 0.0);
+  if (!nlc) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t c = 0; c < C; ++c) {
+      const T k = K[c];
+      double s2 = 0, ss2 = 0;
+      for (int64_t n = 0; n < N; ++n) {
+        const T* p = x + (n * C + c) * L;
+        for (int64_t b0 = 0; b0 < L; b0 += BLK) {
+          const int64_t b1 = std::min(L, b0 + BLK);
+          T s = 0, ss = 0;
+#pragma omp simd reduction(+ : s, ss)
+          for (int64_t i = b0; i < b1; ++i) { T d = p[i] - k; s += d; ss += d * d; }
+          s2 += s; ss2 += ss;
+        }
+      }
+      S[c] = s2; SS[c] = ss2;
+    }
+  } else {
+#pragma omp parallel num_threads(nt)
+    {
+      const int t = omp_get_thread_num(), T_ = omp_get_num_threads();
+      const int64_t r0 = M * t / T_, r1 = M * (t + 1) / T_;
+      std::vector<T> s(C), ss(C);
+      std::vector<double> s2(C, 0.0), ss2(C, 0.0);
+      const T* Kp = K.data();
+      for (int64_t b0 = r0; b0 < r1; b0 += RBLK) {
+        const int64_t b1 = std::min(r1, b0 + RBLK);
+        std::fill(s.begin(), s.end(), (T)0); std::fill(ss.begin(), ss.end(), (T)0);
+        T* sp = s.data(); T* ssp = ss.data();
+        for (int64_t r = b0; r < b1; ++r) {
+          const T* p = x + r * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) { T d = p[c] - Kp[c]; sp[c] += d; ssp[c] += d * d; }
+        }
+        for (int64_t c = 0; c < C; ++c) { s2[c] += sp[c]; ss2[c] += ssp[c]; }
+      }
+#pragma omp critical
+      for (int64_t c = 0; c < C; ++c) { S[c] += s2[c]; SS[c] += ss2[c]; }
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    const double m = S[c] / (double)M;
+    mean[c] = (double)K[c] + m;
+    var[c] = std::max(SS[c] / (double)M - m * m, 0.0);
+  }
+}
+
+template <typename T> void split(const double* m, int64_t C, T* hi, T* lo) {
+  for (int64_t c = 0; c < C; ++c) { hi[c] = (T)m[c]; lo[c] = (T)(m[c] - (double)hi[c]); }
+}
+template <typename T> void cast(const double* v, int64_t C, T* out) {
+  for (int64_t c = 0; c < C; ++c) out[c] = (T)v[c];
+}
+
+template <typename T>
+void normalize(const T* x, T* y, int64_t N, int64_t C, int64_t L, int nlc, int nt,
+               const double* mean, const double* scale, const double* shift, int relu) {
+  std::vector<T> hi(C), lo(C), a(C), b(C);
+  split(mean, C, hi.data(), lo.data()); cast(scale, C, a.data()); cast(shift, C, b.data());
+  const T *H = hi.data(), *Lo = lo.data(), *A = a.data(), *B = b.data();
+  if (!nlc) {
+#pragma omp parallel for collapse(2) num_threads(nt) schedule(static)
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t c = 0; c < C; ++c) {
+        const T* p = x + (n * C + c) * L; T* q = y + (n * C + c) * L;
+        const T h = H[c], l = Lo[c], s = A[c], t = B[c];
+        if (relu) {
+#pragma omp simd
+          for (int64_t i = 0; i < L; ++i) { T v = ((p[i] - h) - l) * s + t; q[i] = v < 0 ? (T)0 : v; }
+        } else {
+#pragma omp simd
+          for (int64_t i = 0; i < L; ++i) q[i] = ((p[i] - h) - l) * s + t;
+        }
+      }
+  } else {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t r = 0; r < N * L; ++r) {
+      const T* p = x + r * C; T* q = y + r * C;
+      if (relu) {
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) { T v = ((p[c] - H[c]) - Lo[c]) * A[c] + B[c]; q[c] = v < 0 ? (T)0 : v; }
+      } else {
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) q[c] = ((p[c] - H[c]) - Lo[c]) * A[c] + B[c];
+      }
+    }
+  }
+}
+
+// g = z > 0 ? dy : 0 (z == nullptr: g = dy). Outputs sum(g) and sum(g * (x - mean)) per channel.
+template <typename T>
+void grad_sums(const T* dy, const T* x, const T* z, int64_t N, int64_t C, int64_t L, int nlc, int nt,
+               const double* mean, double* sum_g, double* sum_gx) {
+  const int64_t M = N * L;
+  std::vector<T> hi(C), lo(C);
+  split(mean, C, hi.data(), lo.data());
+  const T *H = hi.data(), *Lo = lo.data();
+  std::vector<double> S(C, 0.0), SX(C, 0.0);
+  if (!nlc) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t c = 0; c < C; ++c) {
+      const T h = H[c], l = Lo[c];
+      double s2 = 0, sx2 = 0;
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t o = (n * C + c) * L;
+        const T *g = dy + o, *p = x + o, *q = z ? z + o : nullptr;
+        for (int64_t b0 = 0; b0 < L; b0 += BLK) {
+          const int64_t b1 = std::min(L, b0 + BLK);
+          T s = 0, sx = 0;
+          if (q) {
+#pragma omp simd reduction(+ : s, sx)
+            for (int64_t i = b0; i < b1; ++i) { T gi = q[i] > 0 ? g[i] : (T)0; s += gi; sx += gi * ((p[i] - h) - l); }
+          } else {
+#pragma omp simd reduction(+ : s, sx)
+            for (int64_t i = b0; i < b1; ++i) { s += g[i]; sx += g[i] * ((p[i] - h) - l); }
+          }
+          s2 += s; sx2 += sx;
+        }
+      }
+      S[c] = s2; SX[c] = sx2;
+    }
+  } else {
+#pragma omp parallel num_threads(nt)
+    {
+      const int t = omp_get_thread_num(), T_ = omp_get_num_threads();
+      const int64_t r0 = M * t / T_, r1 = M * (t + 1) / T_;
+      std::vector<T> s(C), sx(C);
+      std::vector<double> s2(C, 0.0), sx2(C, 0.0);
+      for (int64_t b0 = r0; b0 < r1; b0 += RBLK) {
+        const int64_t b1 = std::min(r1, b0 + RBLK);
+        std::fill(s.begin(), s.end(), (T)0); std::fill(sx.begin(), sx.end(), (T)0);
+        T* sp = s.data(); T* sxp = sx.data();
+        for (int64_t r = b0; r < b1; ++r) {
+          const T *g = dy + r * C, *p = x + r * C, *q = z ? z + r * C : nullptr;
+          if (q) {
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) { T gi = q[c] > 0 ? g[c] : (T)0; sp[c] += gi; sxp[c] += gi * ((p[c] - H[c]) - Lo[c]); }
+          } else {
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) { sp[c] += g[c]; sxp[c] += g[c] * ((p[c] - H[c]) - Lo[c]); }
+          }
+        }
+        for (int64_t c = 0; c < C; ++c) { s2[c] += sp[c]; sx2[c] += sxp[c]; }
+      }
+#pragma omp critical
+      for (int64_t c = 0; c < C; ++c) { S[c] += s2[c]; SX[c] += sx2[c]; }
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) { sum_g[c] = S[c]; sum_gx[c] = SX[c]; }
+}
+
+// dx = a * g + b * (x - mean) + e
+template <typename T>
+void grad_input(const T* dy, const T* x, const T* z, T* dx, int64_t N, int64_t C, int64_t L, int nlc, int nt,
+                const double* mean, const double* ca, const double* cb, const double* ce) {
+  std::vector<T> hi(C), lo(C), a(C), b(C), e(C);
+  split(mean, C, hi.data(), lo.data()); cast(ca, C, a.data()); cast(cb, C, b.data()); cast(ce, C, e.data());
+  const T *H = hi.data(), *Lo = lo.data(), *A = a.data(), *B = b.data(), *E = e.data();
+  if (!nlc) {
+#pragma omp parallel for collapse(2) num_threads(nt) schedule(static)
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t o = (n * C + c) * L;
+        const T *g = dy + o, *p = x + o, *q = z ? z + o : nullptr; T* d = dx + o;
+        const T h = H[c], l = Lo[c], sa = A[c], sb = B[c], se = E[c];
+        if (q) {
+#pragma omp simd
+          for (int64_t i = 0; i < L; ++i) { T gi = q[i] > 0 ? g[i] : (T)0; d[i] = sa * gi + sb * ((p[i] - h) - l) + se; }
+        } else {
+#pragma omp simd
+          for (int64_t i = 0; i < L; ++i) d[i] = sa * g[i] + sb * ((p[i] - h) - l) + se;
+        }
+      }
+  } else {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t r = 0; r < N * L; ++r) {
+      const T *g = dy + r * C, *p = x + r * C, *q = z ? z + r * C : nullptr; T* d = dx + r * C;
+      if (q) {
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) { T gi = q[c] > 0 ? g[c] : (T)0; d[c] = A[c] * gi + B[c] * ((p[c] - H[c]) - Lo[c]) + E[c]; }
+      } else {
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) d[c] = A[c] * g[c] + B[c] * ((p[c] - H[c]) - Lo[c]) + E[c];
+      }
+    }
+  }
+}
+}  // namespace
+
+#define CONVBN_EXPORT(T, SFX)                                                                          \
+  extern "C" void stats_##SFX(const T* x, int64_t N, int64_t C, int64_t L, int nlc, int nt, double* m, \
+                              double* v) { stats<T>(x, N, C, L, nlc, nt, m, v); }                      \
+  extern "C" void normalize_##SFX(const T* x, T* y, int64_t N, int64_t C, int64_t L, int nlc, int nt,  \
+                                  const double* m, const double* a, const double* b, int relu) {       \
+    normalize<T>(x, y, N, C, L, nlc, nt, m, a, b, relu); }                                            \
+  extern "C" void grad_sums_##SFX(const T* dy, const T* x, const T* z, int64_t N, int64_t C, int64_t L, \
+                                  int nlc, int nt, const double* m, double* sg, double* sgx) {         \
+    grad_sums<T>(dy, x, z, N, C, L, nlc, nt, m, sg, sgx); }                                           \
+  extern "C" void grad_input_##SFX(const T* dy, const T* x, const T* z, T* dx, int64_t N, int64_t C,   \
+                                   int64_t L, int nlc, int nt, const double* m, const double* a,       \
+                                   const double* b, const double* e) {                                \
+    grad_input<T>(dy, x, z, dx, N, C, L, nlc, nt, m, a, b, e); }
+CONVBN_EXPORT(float, f32)
+CONVBN_EXPORT(double, f64)
+"""
+
+_CXXFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC", "-std=c++17"]
+
+_lib_lock = threading.Lock()
+_lib: Optional[ctypes.CDLL] = None
+_lib_tried = False
+_mode = "auto"  # "auto": extension if it builds; "torch": pure-torch path; "extension": require it
+
+
+def _cache_dir() -> str:
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "convbn")
+    return os.path.join(root, "convbn_bn_fission")
+
+
+def _cpu_flags() -> str:
+    # -march=native: the cached binary is only valid for the CPU (features) it was built on.
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), platform.processor())
+    except OSError:
+        return platform.processor()
+
+
+def _build_extension() -> ctypes.CDLL:
+    """Compile ``_CPP_SOURCE`` once (cached by a hash of source, flags, compiler and CPU); load it."""
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        raise RuntimeError(f"C++ compiler {cxx!r} not found (set CXX)")
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256("\0".join([_CPP_SOURCE, " ".join(_CXXFLAGS), cxx, version, _cpu_flags(),
+                                    sys.platform]).encode()).hexdigest()[:16]
+    build_dir = _cache_dir()
+    os.makedirs(build_dir, exist_ok=True)
+    so_path = os.path.join(build_dir, f"bn_fission_{key}.so")
+    if not os.path.exists(so_path):
+        with tempfile.TemporaryDirectory(dir=build_dir) as tmp:
+            src, out = os.path.join(tmp, "bn_fission.cpp"), os.path.join(tmp, "bn_fission.so")
+            with open(src, "w") as f:
+                f.write(_CPP_SOURCE)
+            proc = subprocess.run([cxx, *_CXXFLAGS, src, "-o", out], capture_output=True, text=True, timeout=300)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{cxx} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+            os.replace(out, so_path)  # atomic: concurrent builders never see a half-written file
+    lib = ctypes.CDLL(so_path)
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    dims = [i64, i64, i64, i32, i32]
+    for sfx in ("f32", "f64"):
+        getattr(lib, f"stats_{sfx}").argtypes = [p, *dims, p, p]
+        getattr(lib, f"normalize_{sfx}").argtypes = [p, p, *dims, p, p, p, i32]
+        getattr(lib, f"grad_sums_{sfx}").argtypes = [p, p, p, *dims, p, p, p]
+        getattr(lib, f"grad_input_{sfx}").argtypes = [p, p, p, p, *dims, p, p, p, p]
+    return lib
+
+
+def _get_lib() -> Optional[ctypes.CDLL]:
+    global _lib, _lib_tried
+    if _mode == "torch":
+        return None
+    if not _lib_tried:
+        with _lib_lock:
+            if not _lib_tried:
+                try:
+                    _lib = _build_extension()
+                except Exception as exc:  # any failure degrades to the pure-torch path
+                    warnings.warn(f"convbn: the bn_fission C++ kernel could not be built, using the slower "
+                                  f"pure-torch path ({exc}). Install a C++ compiler with OpenMP (g++) or "
+                                  f"set CXX to fix this.", RuntimeWarning, stacklevel=3)
+                    _lib = None
+                _lib_tried = True
+    if _lib is None and _mode == "extension":
+        raise RuntimeError("convbn: the bn_fission C++ kernel is required (use_extension('extension')) "
+                           "but could not be built; see the earlier warning.")
+    return _lib
+
+
+def extension_available() -> bool:
+    """Whether the C++ kernel is (or can be) built and loaded; builds it on first call.
+
+    Returns:
+        ``True`` if the fast path is in use for float32/float64 CPU tensors.
+
+    Example:
+        >>> isinstance(extension_available(), bool)
+        True
+    """
+    return _get_lib() is not None
+
+
+@contextlib.contextmanager
+def use_extension(mode: str) -> Iterator[None]:
+    """Temporarily choose the implementation: ``"auto"``, ``"torch"`` (pure torch) or ``"extension"``.
+
+    Args:
+        mode: ``"auto"`` uses the C++ kernel when it builds; ``"torch"`` always uses the pure-torch
+            path; ``"extension"`` raises ``RuntimeError`` if the kernel is unavailable.
+
+    Example:
+        >>> with use_extension("torch"):
+        ...     z = bn_relu_train(torch.randn(4, 3, 5), None, None, None, None, None, 0.1, 1e-5)
+        >>> bool((z >= 0).all())
+        True
+    """
+    global _mode
+    if mode not in ("auto", "torch", "extension"):
+        raise ValueError(f"use_extension: mode must be 'auto', 'torch' or 'extension', got {mode!r}")
+    old, _mode = _mode, mode
+    try:
+        yield
+    finally:
+        _mode = old
+
+
+# --------------------------------------------------------------------------------------------
+# Layout helpers and the four sweeps, each a custom op (real kernel + pure-torch fallback + fake).
+# --------------------------------------------------------------------------------------------
+def _geometry(x: Tensor) -> Tuple[int, int, int, Optional[int]]:
+    """``(N, C, L, nlc)``: nlc = 1 for (N, L, C) memory, 0 for (N, C, L), None for anything else."""
+    n, c = x.shape[0], x.shape[1]
+    length = x.numel() // max(n * c, 1)
+    if length == 1 and x.movedim(1, -1).is_contiguous():
+        return n, c, length, 1
+    if x.is_contiguous():
+        return n, c, length, 0
+    if x.movedim(1, -1).is_contiguous():
+        return n, c, length, 1
+    return n, c, length, None
+
+
+def _kernel_args(x: Tensor) -> Optional[Tuple[ctypes.CDLL, str, int, int, int, int]]:
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or x.numel() == 0:
+        return None
+    n, c, length, nlc = _geometry(x)
+    if nlc is None:
+        return None
+    lib = _get_lib()
+    if lib is None:
+        return None
+    return lib, ("f32" if x.dtype == torch.float32 else "f64"), n, c, length, nlc
+
+
+def _reduce_dims(x: Tensor) -> list:
+    return [0] + list(range(2, x.dim()))
+
+
+def _per_channel(v: Tensor, x: Tensor) -> Tensor:
+    return v.reshape([1, -1] + [1] * (x.dim() - 2))
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _centered(x: Tensor, mean: Tensor) -> Tensor:
+    # x - mean with the float64 mean split into hi + lo, as the kernel does (exact when mean >> std).
+    dt = _compute_dtype(x)
+    hi = mean.to(dt)
+    lo = (mean - hi.to(torch.float64)).to(dt)
+    return (x.to(dt) - _per_channel(hi, x)).sub_(_per_channel(lo, x))
+
+
+def _threads(x: Tensor) -> int:
+    # Waking OpenMP threads costs more than a small tensor's whole sweep.
+    return max(1, min(torch.get_num_threads(), x.numel() // 65536))
+
+
+def _like(t: Tensor, ref: Tensor) -> Tensor:
+    """``t`` with ``ref``'s dtype and memory layout (the kernels read both with one set of strides)."""
+    if t.dtype == ref.dtype and t.stride() == ref.stride():
+        return t
+    return torch.empty_like(ref).copy_(t)
+
+
+def _ptr(t: Optional[Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
+
+
+def _stats_impl(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per-channel ``(mean, biased var)`` as float64, one sweep over ``x``."""
+    c = x.shape[1]
+    args = _kernel_args(x)
+    if args is None:
+        var, mean = torch.var_mean(x.to(_compute_dtype(x)), dim=_reduce_dims(x), correction=0)  # Welford
+        return mean.to(torch.float64), var.to(torch.float64)
+    lib, sfx, n, c, length, nlc = args
+    mean = torch.empty(c, dtype=torch.float64)
+    var = torch.empty(c, dtype=torch.float64)
+    getattr(lib, f"stats_{sfx}")(x.data_ptr(), n, c, length, nlc, _threads(x),
+                                 mean.data_ptr(), var.data_ptr())
+    return mean, var
+
+
+_stats_op = torch.library.custom_op("convbn::bn_fission_stats", _stats_impl, mutates_args=())
+
+
+@_stats_op.register_fake
+def _(x: Tensor) -> Tuple[Tensor, Tensor]:
+    c = x.shape[1]
+    return x.new_empty(c, dtype=torch.float64), x.new_empty(c, dtype=torch.float64)
+
+
+def _normalize_impl(x: Tensor, mean: Tensor, scale: Tensor, shift: Tensor, relu: bool) -> Tensor:
+    """``max((x - mean) * scale + shift, 0)`` (no max without ``relu``); one sweep, one output."""
+    args = _kernel_args(x)
+    if args is None:
+        dt = _compute_dtype(x)
+        y = _centered(x, mean).mul_(_per_channel(scale.to(dt), x)).add_(_per_channel(shift.to(dt), x))
+        if relu:
+            y = y.relu_()
+        return y.to(x.dtype)
+    lib, sfx, n, c, length, nlc = args
+    y = torch.empty_like(x)
+    getattr(lib, f"normalize_{sfx}")(x.data_ptr(), y.data_ptr(), n, c, length, nlc, _threads(x),
+                                     mean.data_ptr(), scale.data_ptr(), shift.data_ptr(), int(relu))
+    return y
+
+
+_normalize_op = torch.library.custom_op("convbn::bn_fission_normalize", _normalize_impl, mutates_args=())
+
+
+@_normalize_op.register_fake
+def _(x: Tensor, mean: Tensor, scale: Tensor, shift: Tensor, relu: bool) -> Tensor:
+    return torch.empty_like(x)
+
+
+def _masked(grad: Tensor, out: Optional[Tensor]) -> Tensor:
+    dt = _compute_dtype(grad)
+    g = grad.to(dt)
+    return g if out is None else torch.where(out > 0, g, torch.zeros((), dtype=dt))
+
+
+def _grad_sums_impl(grad: Tensor, x: Tensor, out: Optional[Tensor], mean: Tensor) -> Tuple[Tensor, Tensor]:
+    """``(sum(g), sum(g * (x - mean)))`` per channel in float64, ``g = grad * (out > 0)``; one sweep."""
+    grad = _like(grad, x)
+    args = _kernel_args(x)
+    if args is None:
+        g = _masked(grad, out)
+        dims = _reduce_dims(x)
+        return (g.sum(dims, dtype=torch.float64),
+                (g * _centered(x, mean)).sum(dims, dtype=torch.float64))
+    lib, sfx, n, c, length, nlc = args
+    sum_g = torch.empty(c, dtype=torch.float64)
+    sum_gx = torch.empty(c, dtype=torch.float64)
+    getattr(lib, f"grad_sums_{sfx}")(grad.data_ptr(), x.data_ptr(), _ptr(out), n, c, length, nlc,
+                                     _threads(x), mean.data_ptr(), sum_g.data_ptr(), sum_gx.data_ptr())
+    return sum_g, sum_gx
+
+
+_grad_sums_op = torch.library.custom_op("convbn::bn_fission_grad_sums", _grad_sums_impl, mutates_args=())
+
+
+@_grad_sums_op.register_fake
+def _(grad: Tensor, x: Tensor, out: Optional[Tensor], mean: Tensor) -> Tuple[Tensor, Tensor]:
+    c = x.shape[1]
+    return x.new_empty(c, dtype=torch.float64), x.new_empty(c, dtype=torch.float64)
+
+
+def _grad_input_impl(grad: Tensor, x: Tensor, out: Optional[Tensor], mean: Tensor,
+                   a: Tensor, b: Tensor, e: Tensor) -> Tensor:
+    """``dx = a * g + b * (x - mean) + e`` with per-channel ``a, b, e``; one sweep."""
+    grad = _like(grad, x)
+    args = _kernel_args(x)
+    if args is None:
+        dt = _compute_dtype(x)
+        g = _masked(grad, out)
+        dx = _centered(x, mean).mul_(_per_channel(b.to(dt), x))
+        dx.add_(g * _per_channel(a.to(dt), x)).add_(_per_channel(e.to(dt), x))
+        return dx.to(x.dtype)
+    lib, sfx, n, c, length, nlc = args
+    dx = torch.empty_like(x)
+    getattr(lib, f"grad_input_{sfx}")(grad.data_ptr(), x.data_ptr(), _ptr(out), dx.data_ptr(), n, c, length, nlc,
+                                      _threads(x), mean.data_ptr(), a.data_ptr(), b.data_ptr(),
+                                      e.data_ptr())
+    return dx
+
+
+_grad_input_op = torch.library.custom_op("convbn::bn_fission_grad_input", _grad_input_impl, mutates_args=())
+
+
+@_grad_input_op.register_fake
+def _(grad: Tensor, x: Tensor, out: Optional[Tensor], mean: Tensor, a: Tensor, b: Tensor, e: Tensor) -> Tensor:
+    return torch.empty_like(x)
+
+
+def _sweep(op, impl, x: Tensor, *args):
+    # The custom op is what torch.compile sees; eager calls skip the dispatcher, whose first use
+    # imports torch._dynamo (seconds) and which costs ~15 us per call.
+    if torch.compiler.is_compiling() or type(x) is not Tensor:
+        return op(x, *args)
+    return impl(x, *args)
+
+
+# --------------------------------------------------------------------------------------------
+# Pure forward / backward, the autograd Function and the functional wrapper.
+# --------------------------------------------------------------------------------------------
+def bn_relu_train_forward(
+    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, relu: bool
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Train-mode BN(+ReLU) without running statistics: sub-BN1 then sub-BN2 (two sweeps).
+
+    Returns ``(out, mean, invstd, var)``; the last three are float64 ``[C]`` (``var`` biased).
+    """
+    mean, var = _sweep(_stats_op, _stats_impl, x)
+    invstd = torch.rsqrt(var + eps)
+    scale = invstd if weight is None else weight.to(torch.float64) * invstd
+    shift = torch.zeros_like(mean) if bias is None else bias.to(torch.float64)
+    out = _sweep(_normalize_op, _normalize_impl, x, mean, scale, shift, relu)
+    return out, mean, invstd, var
+
+
+def bn_relu_train_backward(
+    grad_out: Tensor, x: Tensor, out: Optional[Tensor], weight: Optional[Tensor], mean: Tensor, invstd: Tensor,
+    needs: Sequence[bool],
+) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """Gradients ``(x, weight, bias)``: one reduction sweep, then (if needed) one elementwise sweep.
+
+    ``out`` is the saved forward output when the ReLU is fused (its ``> 0`` is the mask), else ``None``.
+    """
+    need_x, need_w, need_b = needs
+    # The kernels read grad and x with one set of strides. Under torch.compile the conversion happens
+    # inside the ops: a traced copy would be fixed to the tangent layout guessed at trace time.
+    g = grad_out if torch.compiler.is_compiling() else _like(grad_out, x)
+    sum_g, sum_gx = _sweep(_grad_sums_op, _grad_sums_impl, g, x, out, mean)
+    sum_gxhat = sum_gx * invstd  # dgamma; sum_g is dbeta
+    grad_x = grad_w = grad_b = None
+    if need_x:
+        m = x.numel() // x.shape[1]
+        a = invstd if weight is None else weight.to(torch.float64) * invstd
+        b = -a * invstd * sum_gxhat / m
+        e = -a * sum_g / m
+        grad_x = _sweep(_grad_input_op, _grad_input_impl, g, x, out, mean, a, b, e)
+    if need_w:
+        grad_w = sum_gxhat
+    if need_b:
+        grad_b = sum_g
+    return grad_x, grad_w, grad_b
+
+
+class BNReLUTrainFunction(torch.autograd.Function):
+    """Train-mode BatchNorm (+ReLU) by Fission; returns ``(out, mean, var)`` (float64 biased var).
+
+    Saves ``x``, the output (only with ``relu=True``) and float64 per-channel vectors.
+    Differentiable once (the backward is opaque kernels).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, relu):  # type: ignore[override]
+        out, mean, invstd, var = bn_relu_train_forward(x, weight, bias, eps, relu)
+        ctx.save_for_backward(x, out if relu else None, weight, mean, invstd)
+        ctx.dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+        ctx.mark_non_differentiable(mean, var)
+        return out, mean, var
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_mean, _grad_var):  # type: ignore[override]
+        x, out, weight, mean, invstd = ctx.saved_tensors
+        gx, gw, gb = bn_relu_train_backward(grad_out, x, out, weight, mean, invstd, ctx.needs_input_grad[:3])
+        gw = None if gw is None else gw.to(ctx.dtypes[0])
+        gb = None if gb is None else gb.to(ctx.dtypes[1])
+        return gx, gw, gb, None, None
+
+
+def _update_running(buf: Tensor, batch: Tensor, factor: Union[float, Tensor]) -> None:
+    batch = batch.to(buf.dtype)
+    if isinstance(factor, Tensor):
+        factor = factor.to(buf.dtype)
+    buf.mul_(1 - factor).add_(batch * factor)
+
+
+def bn_relu_train(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    num_batches_tracked: Optional[Tensor],
+    momentum: Optional[float],
+    eps: float,
+    *,
+    relu: bool = True,
+) -> Tensor:
+    """``relu(batch_norm(x, training=True))`` by Fission; updates the running statistics in place.
+
+    Equals ``torch.nn.BatchNorm{1,2,3}d`` in train mode followed by ``torch.relu``: normalisation by the
+    biased batch variance (``eps`` inside the square root), running statistics updated with the
+    unbiased variance. As in ``_BatchNorm.forward``, ``num_batches_tracked`` (if given) is incremented
+    first, and ``momentum=None`` means the cumulative average ``1 / num_batches_tracked``.
+
+    Args:
+        x: ``[N, C, *]`` input (any number of spatial dims, including none), contiguous or channels-last.
+        weight, bias: the BN affine parameters ``[C]``, or ``None`` (``affine=False``).
+        running_mean, running_var: ``[C]`` buffers updated in place, or ``None``
+            (``track_running_stats=False``).
+        num_batches_tracked: the BN's counter (incremented in place), or ``None``.
+        momentum: the BN's momentum, or ``None`` for a cumulative moving average.
+        eps: added to the variance inside the square root.
+        relu: fuse a ReLU into the output (and its backward).
+
+    Returns:
+        The output, same shape, dtype and memory layout as ``x``; differentiable w.r.t. ``x``,
+        ``weight`` and ``bias``.
+
+    Example:
+        >>> bn = torch.nn.BatchNorm2d(4)
+        >>> x = torch.randn(2, 4, 5, 5) * 3 + 1
+        >>> z = bn_relu_train(x, bn.weight, bn.bias, bn.running_mean.clone(), bn.running_var.clone(),
+        ...                   bn.num_batches_tracked.clone(), bn.momentum, bn.eps)
+        >>> torch.allclose(z, torch.relu(bn(x)), atol=1e-5)
+        True
+    """
+    if not isinstance(x, Tensor) or x.dim() < 2:
+        raise ValueError(f"bn_relu_train: x must be a Tensor of shape [N, C, *], got "
+                         f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+    c = x.shape[1]
+    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
+                    ("running_var", running_var)):
+        if t is not None and t.numel() != c:
+            raise ValueError(f"bn_relu_train: {name} has {t.numel()} elements but x has {c} channels "
+                             f"(shape {tuple(x.shape)}); pass the BatchNorm that matches this input.")
+    if x.numel() // max(c, 1) == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
+    if _geometry(x)[3] is None:
+        x = x.contiguous()
+
+    factor: Union[float, Tensor] = 0.0 if momentum is None else float(momentum)
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+        if momentum is None:
+            # stays a tensor (no .item(), no graph break); float64 like torch's 1.0 / float(n)
+            factor = num_batches_tracked.to(torch.float64).reciprocal()
+
+    out, mean, var = BNReLUTrainFunction.apply(x, weight, bias, float(eps), bool(relu))
+    if running_mean is not None or running_var is not None:
+        with torch.no_grad():
+            if running_mean is not None:
+                _update_running(running_mean, mean, factor)
+            if running_var is not None:
+                m = x.numel() // c
+                _update_running(running_var, var * (m / (m - 1)), factor)
+    return out

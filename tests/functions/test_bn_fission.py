@@ -1,0 +1,293 @@
+"""bn_relu_train must equal nn.BatchNorm{1,2,3}d (train) + ReLU: outputs, gradients, running stats.
+
+Every comparison runs on both implementations: the C++ kernel ("extension") and the pure-torch
+fallback ("torch").
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+
+import pytest
+import torch
+
+from convbn.functions import bn_fission
+from convbn.functions.bn_fission import BNReLUTrainFunction, bn_relu_train, use_extension
+
+BACKENDS = ["extension", "torch"]
+HAS_CXX = shutil.which(os.environ.get("CXX", "c++")) is not None
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    if request.param == "extension" and not HAS_CXX:
+        pytest.skip("no C++ compiler: only the pure-torch path can run here")
+    with use_extension(request.param):
+        yield request.param
+
+
+def _bn_class(dim: int):
+    return {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}[dim]
+
+
+def _make_bn(shape, affine=True, momentum=0.1, track=True, dtype=torch.float32):
+    bn = _bn_class(len(shape))(shape[1], affine=affine, momentum=momentum, track_running_stats=track).to(dtype)
+    with torch.no_grad():
+        if affine:  # realistic trained parameters, some gammas small
+            bn.weight.uniform_(0.05, 1.5)
+            bn.bias.normal_(0.0, 0.5)
+        if track:
+            bn.running_mean.normal_(0.0, 0.3)
+            bn.running_var.uniform_(0.5, 2.0)
+    return bn.train()
+
+
+def _input(shape, layout, dtype=torch.float32):
+    """Realistic pre-BN activations: per-channel mean in [-2, 2], std in [0.3, 3]."""
+    c = shape[1]
+    view = [1, c] + [1] * (len(shape) - 2)
+    x = torch.randn(shape, dtype=dtype) * torch.empty(c, dtype=dtype).uniform_(0.3, 3).view(view)
+    x = x + torch.empty(c, dtype=dtype).uniform_(-2, 2).view(view)
+    if layout == "channels_last":  # (N, *spatial, C) in memory, for any rank
+        x = x.movedim(1, -1).contiguous().movedim(-1, 1)
+    elif layout == "strided":  # neither layout: a transposed view
+        x = x.transpose(0, -1).contiguous().transpose(0, -1)
+    return x
+
+
+def _run_fission(bn, x, relu):
+    return bn_relu_train(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked,
+                         bn.momentum, bn.eps, relu=relu)
+
+
+def _run_ref(bn, x, relu):
+    y = bn(x)
+    return torch.relu(y) if relu else y
+
+
+def _close(a, b, rtol=1e-5, atol=1e-5):
+    torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+
+
+def _compare_steps(shape, layout, affine, momentum, track, relu, steps=3, dtype=torch.float32, tol=1e-5):
+    ref = _make_bn(shape, affine, momentum, track, dtype)
+    ours = copy.deepcopy(ref)
+    for _ in range(steps):
+        x = _input(shape, layout, dtype)
+        dy = torch.randn(shape, dtype=dtype)
+        xr, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+        zr, zo = _run_ref(ref, xr, relu), _run_fission(ours, xo, relu)
+        zr.backward(dy)
+        zo.backward(dy)
+        _close(zo, zr, tol, tol)
+        assert zo.stride() == x.stride() or layout == "strided"
+        _close(xo.grad, xr.grad, tol, tol)
+        if affine:
+            # dgamma/dbeta are sums over N*L elements: compare relative to their scale
+            scale = max(1.0, ref.weight.grad.abs().max().item())
+            _close(ours.weight.grad, ref.weight.grad, tol, tol * scale)
+            _close(ours.bias.grad, ref.bias.grad, tol, tol * scale)
+            ref.zero_grad()
+            ours.zero_grad()
+    if track:
+        _close(ours.running_mean, ref.running_mean, tol, tol)
+        _close(ours.running_var, ref.running_var, tol, tol)
+        assert ours.num_batches_tracked.item() == ref.num_batches_tracked.item() == steps
+
+
+SHAPES = [
+    (5, 7),  # BatchNorm1d on [N, C]
+    (4, 6, 17),  # BatchNorm1d on [N, C, L]
+    (3, 5, 7, 9),  # odd sizes: vector tails
+    (2, 96, 14, 14),  # DenseNet-121 block 3 norm1
+    (2, 4, 3, 5, 6),  # BatchNorm3d
+]
+STATS = [("momentum", 0.1, True), ("cumulative", None, True), ("untracked", 0.1, False)]
+
+
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "bn"])
+@pytest.mark.parametrize("stats", STATS, ids=[s[0] for s in STATS])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "noaffine"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_batchnorm(backend, shape, layout, affine, stats, relu):
+    torch.manual_seed(0)
+    _, momentum, track = stats
+    _compare_steps(shape, layout, affine, momentum, track, relu)
+
+
+# DenseNet-121 BN inputs (batch 2): block1 norm2, transition1, block2 last norm1, block3 last, norm5.
+DENSENET_SHAPES = [(2, 128, 56, 56), (2, 256, 56, 56), (2, 480, 28, 28), (2, 992, 14, 14), (2, 1024, 7, 7)]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", DENSENET_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_densenet121_shapes(backend, shape, layout):
+    torch.manual_seed(1)
+    _compare_steps(shape, layout, affine=True, momentum=0.1, track=True, relu=True, steps=2)
+
+
+@pytest.mark.parametrize("shape", [(4, 6, 5, 7), (6, 5)], ids=["4d", "2d"])
+def test_non_dense_layout_is_handled(backend, shape):
+    torch.manual_seed(2)
+    _compare_steps(shape, "strided", affine=True, momentum=0.1, track=True, relu=True, steps=2)
+
+
+def test_float64_matches_tightly(backend):
+    torch.manual_seed(3)
+    _compare_steps((3, 8, 5, 5), "channels_last", True, None, True, True, dtype=torch.float64, tol=1e-10)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_variance_accurate_when_mean_much_larger_than_std(backend, layout):
+    """Mean 1000, std 1 in float32: the one-sweep variance must be within 1e-5 (relative) of float64."""
+    torch.manual_seed(4)
+    shape = (8, 16, 32, 32)
+    x64 = 1000.0 + torch.randn(shape, dtype=torch.float64) * torch.empty(16, 1, 1, dtype=torch.float64).uniform_(0.5, 2)
+    x = x64.float()
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x_exact = x.double()  # reference on the float32 values actually fed in
+    ref_var = x_exact.var(dim=(0, 2, 3), unbiased=True)
+    ref_mean = x_exact.mean(dim=(0, 2, 3))
+    rm, rv = torch.zeros(16), torch.ones(16)
+    z = bn_relu_train(x, None, None, rm, rv, None, 1.0, 1e-5, relu=False)  # momentum 1: buffers = batch stats
+    rel_var = ((rv.double() - ref_var).abs() / ref_var).max().item()
+    assert rel_var <= 1e-5, rel_var
+    assert ((rm.double() - ref_mean).abs() / ref_var.sqrt()).max().item() <= 1e-4
+    z_ref = (x_exact - ref_mean.view(1, -1, 1, 1)) / (x_exact.var(dim=(0, 2, 3), unbiased=False) + 1e-5).sqrt().view(
+        1, -1, 1, 1)
+    assert (z.double() - z_ref).abs().max().item() <= 1e-4
+    # The test can fail: E[x^2] - E[x]^2 on the raw float32 data misses the tolerance by orders of magnitude.
+    naive = (x * x).mean(dim=(0, 2, 3)) - x.mean(dim=(0, 2, 3)) ** 2
+    naive_unbiased = naive.double() * x[:, 0].numel() / (x[:, 0].numel() - 1)
+    assert ((naive_unbiased - ref_var).abs() / ref_var).max().item() > 1e-3
+
+
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "bn"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_gradcheck_float64(backend, layout, relu):
+    torch.manual_seed(5)
+    x = _input((3, 4, 3, 5), layout, torch.float64).requires_grad_()
+    w = torch.empty(4, dtype=torch.float64).uniform_(0.5, 1.5).requires_grad_()
+    b = torch.empty(4, dtype=torch.float64).normal_(0, 0.5).requires_grad_()
+
+    def fn(x, w, b):
+        return BNReLUTrainFunction.apply(x, w, b, 1e-5, relu)[0]
+
+    assert torch.autograd.gradcheck(fn, (x, w, b), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_gradcheck_no_affine(backend):
+    torch.manual_seed(6)
+    x = _input((4, 3, 6), "contiguous", torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: BNReLUTrainFunction.apply(x, None, None, 1e-5, True)[0], (x,))
+
+
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "bn"])
+def test_saves_only_input_output_and_vectors(backend, relu):
+    """No mask, no xhat: the full-size saved tensors are x and (with ReLU) the returned output."""
+    saved = []
+    x = _input((2, 8, 6, 6), "contiguous").requires_grad_()
+    bn = _make_bn(x.shape)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        z = _run_fission(bn, x, relu)
+    big = [t for t in saved if t.numel() == x.numel()]
+    assert all(t.dtype != torch.bool for t in saved)
+    assert all(t.numel() in (x.numel(), x.shape[1]) for t in saved)
+    assert len(big) == (2 if relu else 1)
+    assert {t.data_ptr() for t in big} == ({x.data_ptr(), z.data_ptr()} if relu else {x.data_ptr()})
+
+
+def test_bfloat16_via_torch_path(backend):
+    torch.manual_seed(7)
+    shape = (4, 8, 5, 5)
+    ref = _make_bn(shape).to(torch.bfloat16)
+    ours = copy.deepcopy(ref)
+    x = _input(shape, "contiguous").bfloat16()
+    xr, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+    zr, zo = _run_ref(ref, xr, True), _run_fission(ours, xo, True)
+    zr.float().sum().backward()
+    zo.float().sum().backward()
+    assert zo.dtype == torch.bfloat16
+    _close(zo.float(), zr.float(), 2e-2, 2e-2)
+    # bf16 rounding may flip the ReLU mask of values next to 0; compare gradients where masks agree
+    agree = (zo > 0) == (zr > 0)
+    assert agree.float().mean() > 0.99
+    _close(xo.grad.float()[agree], xr.grad.float()[agree], 5e-2, 5e-2)
+    _close(ours.running_var.float(), ref.running_var.float(), 2e-2, 2e-2)
+
+
+def test_errors_are_value_errors():
+    bn = _make_bn((1, 4, 1, 1))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        _run_fission(bn, torch.randn(1, 4, 1, 1), True)
+    with pytest.raises(ValueError, match="weight has 4 elements but x has 3 channels"):
+        _run_fission(bn, torch.randn(2, 3, 4, 4), True)
+
+
+@pytest.mark.skipif(not HAS_CXX, reason="no C++ compiler")
+def test_extension_builds_here():
+    """With a compiler present the fast path must actually be in use (no silent fallback in CI)."""
+    assert bn_fission.extension_available()
+    with use_extension("extension"):
+        _compare_steps((2, 8, 4, 4), "contiguous", True, 0.1, True, True, steps=1)
+
+
+def test_degrades_gracefully_when_build_fails(monkeypatch, tmp_path):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(bn_fission, "_lib", None)
+    monkeypatch.setattr(bn_fission, "_lib_tried", False)
+    with pytest.warns(RuntimeWarning, match="pure-torch path"):
+        assert not bn_fission.extension_available()
+    torch.manual_seed(8)
+    _compare_steps((3, 5, 4, 4), "channels_last", True, None, True, True, steps=2)
+    with use_extension("extension"), pytest.raises(RuntimeError, match="required"):
+        _run_fission(_make_bn((3, 5, 4, 4)), torch.randn(3, 5, 4, 4), True)
+
+
+def test_torch_compile_fullgraph(backend):
+    """One small compiled case: no graph breaks, same results as eager BatchNorm2d + ReLU."""
+    torch.manual_seed(9)
+    shape = (4, 6, 5, 5)
+    ref = _make_bn(shape, momentum=None)
+    ours = copy.deepcopy(ref)
+    torch._dynamo.reset()
+    fn = torch.compile(lambda x: _run_fission(ours, x, True), fullgraph=True)
+    for _ in range(2):
+        x = _input(shape, "channels_last")
+        xr, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+        dy = torch.randn(shape)
+        zr, zo = _run_ref(ref, xr, True), fn(xo)
+        zr.backward(dy)
+        zo.backward(dy)
+        _close(zo, zr)
+        _close(xo.grad, xr.grad)
+        _close(ours.weight.grad, ref.weight.grad, 1e-5, 1e-4)
+        _close(ours.bias.grad, ref.bias.grad, 1e-5, 1e-4)
+        ref.zero_grad()
+        ours.zero_grad()
+    _close(ours.running_mean, ref.running_mean)
+    _close(ours.running_var, ref.running_var)
+    assert ours.num_batches_tracked.item() == 2
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_custom_ops_pass_opcheck(backend, layout):
+    """Schemas and fake kernels are what torch.compile relies on."""
+    x = _input((2, 3, 4, 5), layout)
+    g = torch.randn_like(x)
+    mean = torch.randn(3, dtype=torch.float64)
+    v = torch.rand(3, dtype=torch.float64) + 0.5
+    cases = [
+        (bn_fission._stats_op, (x,)),
+        (bn_fission._normalize_op, (x, mean, v, mean, True)),
+        (bn_fission._grad_sums_op, (g, x, x.relu(), mean)),
+        (bn_fission._grad_sums_op, (g, x, None, mean)),
+        (bn_fission._grad_input_op, (g, x, x.relu(), mean, v, v, mean)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
