@@ -12,8 +12,8 @@ from torch import nn
 from .errors import ConvBNError
 from .fold import fold_conv_bn_weights
 from .match import Analysis, analyze
-from .plan import MODES, BlockReport, Report, make_plan
-from .runtime import Block, install, installed_block, uninstall
+from .plan import MODES, TRAIN_VARIANTS, BlockReport, Report, make_plan
+from .runtime import INSTALLED_MODES, Block, install, installed_block, uninstall
 
 __all__ = ["convert", "revert", "report", "deploy"]
 
@@ -54,6 +54,8 @@ def convert(
     *,
     example_inputs: Any = None,
     filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
+    recompute: bool = False,
+    fission: bool = False,
 ) -> nn.Module:
     """Put every Conv/Linear -> BatchNorm block of ``model`` into ``mode``, in place.
 
@@ -76,6 +78,17 @@ def convert(
     (already normalized) and the BN's hooks see that tensor pass through; in eval the conv is
     stock. Call again any time to switch modes (e.g. alternate train/tune, paper App. K).
 
+    Two ways to make ``"train"`` cheaper, with PyTorch's exact train-mode semantics (batch
+    statistics, running statistics and ``num_batches_tracked`` updated, ``momentum=None``):
+
+    * ``recompute=True``: each Conv/Linear -> BN (-> ``nn.ReLU``) block is one autograd Function that
+      saves only the conv input and per-channel vectors; backward recomputes the conv output.
+    * ``fission=True``: every BN (-> ``nn.ReLU``) uses one-sweep, cancellation-free statistics, a
+      single normalize+affine+ReLU pass and a split backward (C++ kernel, pure-torch fallback).
+
+    The two cannot be combined (recompute already fuses the BN into its conv's Function). A fused
+    ``nn.ReLU`` module becomes a pass-through (its hooks see the block output pass).
+
     A block that cannot be folded runs in eval (``fallback``) when its BN has running statistics,
     otherwise stays plain PyTorch (``skipped``); :func:`report` says which and why.
 
@@ -87,6 +100,8 @@ def convert(
             that Linear -> BatchNorm1d inputs are 2-D.
         filter_fn: ``filter_fn(module, qualified_name) -> bool``, called with each block's
             Conv/Linear (or the BN, for a BN that follows no layer); ``False`` leaves the block alone.
+        recompute: with ``mode="train"``: recompute the conv output in backward.
+        fission: with ``mode="train"``: BN fission-n-fusion.
 
     Returns:
         ``model`` itself (so ``model = convbn.convert(model, "tune")`` also works).
@@ -113,6 +128,7 @@ def convert(
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError(f"filter_fn must be callable as filter_fn(module, qualified_name) -> bool, got "
                         f"{type(filter_fn).__name__}. Example: filter_fn=lambda m, name: name.startswith('backbone.')")
+    variant = _train_variant(mode, recompute, fission)
     state = _state(model)
     try:
         analysis = analyze(model, example_inputs)
@@ -121,13 +137,29 @@ def convert(
             analysis = state.analysis  # pairs proven by an earlier dynamic trace of this model
         else:
             raise
-    plan = make_plan(analysis, mode, filter_fn)
+    plan = make_plan(analysis, mode, filter_fn, variant)
     deployed = list(state.deployed) if state is not None else []
     _apply(model, plan, mode, deployed)
     rows = deployed + [r for _, r in plan]
-    model.__dict__[_STATE] = _State(Report(rows, mode, analysis.method, True, analysis.notes), analysis,
+    model.__dict__[_STATE] = _State(Report(rows, variant or mode, analysis.method, True, analysis.notes), analysis,
                                     deployed)
     return model
+
+
+def _train_variant(mode: str, recompute: Any, fission: Any) -> Optional[str]:
+    for name, value in (("recompute", recompute), ("fission", fission)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r}")
+    if (recompute or fission) and mode != "train":
+        which = "recompute" if recompute else "fission"
+        raise ConvBNError(f"{which}=True applies to mode 'train' only (batch statistics); mode {mode!r} uses running "
+                          f"statistics and tune already saves no BN input. Use convbn.convert(model, 'train', "
+                          f"{which}=True)")
+    if recompute and fission:
+        raise ConvBNError("recompute=True and fission=True cannot be combined: recompute already computes the BN "
+                          "(and ReLU) inside the conv's Function, so there is no separate BN left to fission. "
+                          "Pick one: recompute for memory, fission for BN speed")
+    return "train-recompute" if recompute else "train-fission" if fission else None
 
 
 def _apply(model: nn.Module, plan, mode: str, deployed: List[BlockReport]) -> None:
@@ -138,8 +170,10 @@ def _apply(model: nn.Module, plan, mode: str, deployed: List[BlockReport]) -> No
         for m, _ in before.values():
             uninstall(m)
         for cand, row in plan:
-            if row.mode in ("eval", "tune"):
-                install(Block(cand.conv, cand.bn, cand.conv_name, cand.bn_name, row.mode))
+            if row.mode in INSTALLED_MODES:
+                fused_relu = row.mode in TRAIN_VARIANTS and cand.relu is not None
+                install(Block(cand.conv, cand.bn, cand.conv_name, cand.bn_name, row.mode,
+                              cand.relu if fused_relu else None, cand.relu_name if fused_relu else None))
             elif row.mode == "deploy":
                 folds.append((cand, row, _fold(cand)))
     except BaseException:

@@ -16,9 +16,8 @@ recorded here; mode-dependent reasons (no running statistics, bad running_var) a
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -82,6 +81,8 @@ class Candidate:
     conv: Optional[nn.Module] = None
     reason: Optional[str] = None  # structural reason this pair cannot be folded, None if it can
     layer_output_dim: Optional[int] = None  # known only from a dynamic trace
+    relu_name: Optional[str] = None  # an nn.ReLU module that is the BN output's only user (fusable)
+    relu: Optional[nn.Module] = None
 
     @property
     def kind(self) -> str:
@@ -181,26 +182,36 @@ def _fx_analysis(model: nn.Module) -> Analysis:
         else:
             cand.reason = _structural_reason(conv, conv_name, bn, bn_name)
         candidates.append(cand)
+    for cand, node in zip(candidates, [n for n in graph.nodes if n.op == "call_module"
+                                       and isinstance(modules.get(n.target), _BatchNorm)]):
+        users = list(node.users)
+        if len(users) == 1 and users[0].op == "call_module" and calls[users[0].target] == 1:
+            _set_relu(cand, users[0].target, modules[users[0].target])
     return Analysis(candidates, "torch.fx")
+
+
+def _set_relu(cand: Candidate, name: str, module: nn.Module) -> None:
+    """Record ``module`` as the block's fusable ReLU if it is a stock, unpatched ``nn.ReLU``."""
+    if type(module).forward is nn.ReLU.forward and "forward" not in module.__dict__ and isinstance(module, nn.ReLU):
+        cand.relu_name, cand.relu = name, module
 
 
 class _UseRecorder(TorchFunctionMode):
     """Records every op that consumes a tracked conv output outside the BN that normalizes it."""
 
-    def __init__(self, outputs: Dict[int, Tuple[str, torch.Tensor]], active_bn: List[str],
-                 other_uses: Dict[int, List[str]]):
+    def __init__(self, tracked: Dict[int, torch.Tensor], active_bn: List[str], other_uses: Dict[int, List[str]]):
         super().__init__()
-        self.outputs, self.active_bn, self.other_uses = outputs, active_bn, other_uses
+        self.tracked, self.active_bn, self.other_uses = tracked, active_bn, other_uses
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.outputs and not self.active_bn:
+        if self.tracked and not self.active_bn:
             name = getattr(func, "__name__", "")
             if name == "__get__":
                 name = getattr(getattr(func, "__self__", None), "__name__", name)
             if name not in _METADATA_NAMES:
                 for a in _flatten((args, kwargs)):
-                    if isinstance(a, torch.Tensor) and id(a) in self.outputs and self.outputs[id(a)][1] is a:
+                    if isinstance(a, torch.Tensor) and self.tracked.get(id(a)) is a:
                         self.other_uses.setdefault(id(a), []).append(name or str(func))
         return func(*args, **kwargs)
 
@@ -220,9 +231,10 @@ def _dynamic_analysis(model: nn.Module, example_inputs: Any) -> Analysis:
     args, kwargs = normalize_example_inputs(example_inputs)
     names: Dict[int, str] = {}
     for name, m in model.named_modules():
-        if isinstance(m, LAYER_TYPES + (_BatchNorm,)):
+        if isinstance(m, LAYER_TYPES + (_BatchNorm, nn.ReLU)):
             names.setdefault(id(m), name)
     outputs: Dict[int, Tuple[str, torch.Tensor]] = {}  # id(conv output) -> (conv name, tensor kept alive)
+    tracked: Dict[int, torch.Tensor] = {}  # conv and BN outputs whose every use is recorded
     out_dims: Dict[str, int] = {}
     active_bn: List[str] = []
     other_uses: Dict[int, List[str]] = {}
@@ -235,6 +247,7 @@ def _dynamic_analysis(model: nn.Module, example_inputs: Any) -> Analysis:
         calls[name] = calls.get(name, 0) + 1
         if isinstance(out, torch.Tensor):
             outputs[id(out)] = (name, out)
+            tracked[id(out)] = out
             out_dims[name] = out.dim()
 
     def bn_pre_hook(m, inp):
@@ -245,7 +258,28 @@ def _dynamic_analysis(model: nn.Module, example_inputs: Any) -> Analysis:
         bn_inputs.append((name, id(x) if src is not None and src[1] is x else None))
         active_bn.append(name)
 
+    bn_outputs: Dict[int, Tuple[str, torch.Tensor]] = {}
+    relu_users: Dict[str, List[str]] = {}  # bn name -> ReLU modules that consumed its output
+
     def bn_hook(m, inp, out):
+        active_bn.pop()
+        if isinstance(out, torch.Tensor):
+            bn_outputs[id(out)] = (names[id(m)], out)
+            tracked[id(out)] = out  # its other uses decide whether a ReLU after it can be fused
+
+    def relu_pre_hook(m, inp):
+        name = names[id(m)]
+        calls[name] = calls.get(name, 0) + 1
+        x = inp[0] if inp else None
+        src = bn_outputs.get(id(x)) if isinstance(x, torch.Tensor) else None
+        if src is not None and src[1] is x:
+            relu_users.setdefault(src[0], []).append(name)
+            relu_inputs.append(id(x))
+        active_bn.append(name)
+
+    relu_inputs: List[int] = []
+
+    def bn_hook_relu(m, inp, out):
         active_bn.pop()
 
     for m in model.modules():
@@ -254,11 +288,14 @@ def _dynamic_analysis(model: nn.Module, example_inputs: Any) -> Analysis:
         if isinstance(m, _BatchNorm):
             handles.append(m.register_forward_pre_hook(bn_pre_hook, prepend=True))
             handles.append(m.register_forward_hook(bn_hook))
+        elif isinstance(m, nn.ReLU):
+            handles.append(m.register_forward_pre_hook(relu_pre_hook, prepend=True))
+            handles.append(m.register_forward_hook(bn_hook_relu))
         else:
             handles.append(m.register_forward_hook(layer_hook))
     saved_buffers = [(b, b.detach().clone()) for b in model.buffers()]
     try:
-        with torch.random.fork_rng(devices=[]), torch.no_grad(), _UseRecorder(outputs, active_bn, other_uses):
+        with torch.random.fork_rng(devices=[]), torch.no_grad(), _UseRecorder(tracked, active_bn, other_uses):
             model(*args, **kwargs)
     except Exception as e:
         raise ConvBNError(
@@ -303,6 +340,12 @@ def _dynamic_analysis(model: nn.Module, example_inputs: Any) -> Analysis:
         else:
             cand.reason = _structural_reason(conv, conv_name, bn, bn_name)
         candidates.append(cand)
+    for cand in candidates:
+        relus = relu_users.get(cand.bn_name, [])
+        out_ids = [i for i, (n, _) in bn_outputs.items() if n == cand.bn_name]
+        others = [u for i in out_ids for u in other_uses.get(i, [])]
+        if len(relus) == 1 and not others and calls.get(relus[0], 0) == 1 and calls.get(cand.bn_name, 0) == 1:
+            _set_relu(cand, relus[0], modules[relus[0]])
     # BNs that exist but never ran in the example forward
     for name, m in model.named_modules():
         if isinstance(m, _BatchNorm) and name not in seen_bn:

@@ -12,9 +12,10 @@ from torch import nn
 from .errors import ConvBNError
 from .match import Analysis, Candidate
 
-__all__ = ["MODES", "BlockReport", "Report", "make_plan"]
+__all__ = ["MODES", "TRAIN_VARIANTS", "BlockReport", "Report", "make_plan"]
 
 MODES = ("train", "eval", "tune", "deploy")
+TRAIN_VARIANTS = ("train-recompute", "train-fission")
 _RUNNING_STAT_MODES = ("eval", "tune", "deploy")
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -128,12 +129,36 @@ def _running_stats_problem(bn: nn.Module, bn_name: str) -> Optional[str]:
     return None
 
 
-def make_plan(analysis: Analysis, mode: str, filter_fn: Optional[FilterFn]) -> List[Tuple[Candidate, BlockReport]]:
+def _train_variant_row(cand: Candidate, variant: str, custom_bn: bool) -> Tuple[str, str, str]:
+    """(run mode, status, reason) of a block in ``train-recompute`` / ``train-fission``."""
+    bn_name = cand.bn_name
+    if custom_bn:
+        return "train", "skipped", cand.reason or f"`{bn_name}` overrides forward(); convbn leaves it alone"
+    if isinstance(cand.bn, nn.SyncBatchNorm):
+        return "train", "fallback", (f"`{bn_name}` is a SyncBatchNorm: its training statistics are all-reduced across "
+                                     f"processes, which {variant} does not do -> runs plain train")
+    if variant == "train-recompute":
+        if cand.conv is None:
+            return "train", "fallback", (f"`{bn_name}` does not follow a Conv/Linear, so there is no layer output to "
+                                         f"recompute -> runs plain train")
+        if cand.reason is not None:
+            return "train", "fallback", f"{cand.reason} -> runs plain train"
+        if isinstance(cand.conv, nn.Linear) and cand.layer_output_dim not in (None, 2):
+            return "train", "fallback", (f"`{cand.conv_name}` outputs {cand.layer_output_dim}-D tensors: BatchNorm1d "
+                                         f"then normalizes axis 1, not the Linear's features -> runs plain train")
+    note = f"ReLU `{cand.relu_name}` fused" if cand.relu is not None else ""
+    return variant, "converted", note
+
+
+def make_plan(analysis: Analysis, mode: str, filter_fn: Optional[FilterFn],
+              train_variant: Optional[str] = None) -> List[Tuple[Candidate, BlockReport]]:
     """Decide, for every BatchNorm found, the mode it will run in and why.
 
     Requested ``eval``/``tune``/``deploy``: a block that cannot be folded but whose BN has sound
     running statistics runs in ``eval`` (status ``fallback``), so the whole model computes the same
     function as ``convert(model, "eval")`` -- frozen statistics everywhere, never a silent mix.
+    Requested ``train`` with ``train_variant`` (``"train-recompute"`` / ``"train-fission"``): blocks
+    the variant cannot run stay plain ``train`` (``fallback``), which is the same function.
     """
     plan: List[Tuple[Candidate, BlockReport]] = []
     for cand in analysis.candidates:
@@ -149,7 +174,10 @@ def make_plan(analysis: Analysis, mode: str, filter_fn: Optional[FilterFn]) -> L
         custom_bn = type(cand.bn).forward is not nn.modules.batchnorm._BatchNorm.forward and \
             type(cand.bn).forward is not nn.SyncBatchNorm.forward
         if mode == "train":
-            row("train", "converted")
+            if train_variant is None:
+                row("train", "converted")
+            else:
+                row(*_train_variant_row(cand, train_variant, custom_bn))
             continue
         problem = _running_stats_problem(cand.bn, bn_name)
         if problem:

@@ -23,6 +23,10 @@ from torch import Tensor, nn
 from .errors import ConvBNError
 from .functions.tune import ConvSpec, TuneConvBNFunction
 
+# Run modes a block can be in. "train-recompute" / "train-fission" are train mode (batch statistics,
+# PyTorch's exact semantics) computed by convbn's Functions; "fallback" rows may run any of these.
+INSTALLED_MODES = ("eval", "tune", "train-recompute", "train-fission")
+
 __all__ = ["Block", "install", "uninstall", "installed_block"]
 
 
@@ -36,11 +40,13 @@ def _is_compiling() -> bool:
 class Block:
     """Runtime state of one converted Conv/Linear -> BN block (shared by its two installed forwards)."""
 
-    def __init__(self, conv: Optional[nn.Module], bn: nn.Module, conv_name: Optional[str], bn_name: str, mode: str):
-        if mode == "tune" and conv is None:
-            raise ValueError("tune needs the conv/linear the BN follows")
-        self.conv, self.bn = conv, bn  # conv is None for a BN that follows no layer (eval only)
+    def __init__(self, conv: Optional[nn.Module], bn: nn.Module, conv_name: Optional[str], bn_name: str, mode: str,
+                 relu: Optional[nn.Module] = None, relu_name: Optional[str] = None):
+        if mode in ("tune", "train-recompute") and conv is None:
+            raise ValueError(f"{mode} needs the conv/linear the BN follows")
+        self.conv, self.bn = conv, bn  # conv is None for a BN that follows no layer
         self.conv_name, self.bn_name = conv_name, bn_name
+        self.relu, self.relu_name = relu, relu_name  # an nn.ReLU fused into the block (train modes only)
         self.mode = mode
         self.fallback_reason: Optional[str] = None  # set when a call had to run unfused (never silent)
         self._pending: Optional[weakref.ref] = None
@@ -55,13 +61,13 @@ class Block:
     # ---------------------------------------------------------------- conv / linear
     def conv_forward(self, input: Tensor, output_size: Optional[List[int]] = None) -> Tensor:
         conv, bn = self.conv, self.bn
-        if self.mode != "tune":  # eval: the conv is stock
+        if self.mode not in ("tune", "train-recompute"):  # the conv is stock
             return _stock_layer_forward(conv, input, output_size)
         if isinstance(conv, nn.Linear):
             if input.dim() != 2:
                 # BatchNorm1d on 3-D input normalizes axis 1, not the Linear's feature axis: not foldable.
                 self.fallback_reason = (f"`{self.conv_name}` got a {input.dim()}-D input; BatchNorm1d's channel "
-                                        f"axis is then not the Linear's features, so this call ran unfused (eval)")
+                                        f"axis is then not the Linear's features, so this call ran unfused")
                 out = F.linear(input, conv.weight, conv.bias)
                 self._mark(out, fused=False)
                 return out
@@ -70,9 +76,21 @@ class Block:
         else:
             x, spec = _conv_input_and_spec(conv, input, output_size)
         affine = bn.affine
-        out = TuneConvBNFunction.apply(
-            x, conv.weight, conv.bias, bn.weight if affine else None, bn.bias if affine else None,
-            bn.running_mean, bn.running_var, float(bn.eps), spec)
+        gamma, beta = (bn.weight, bn.bias) if affine else (None, None)
+        if self.mode == "train-recompute" and _uses_batch_stats(bn):
+            from .functions.train_recompute import RecomputeConvBNFunction
+
+            momentum = _update_factor_momentum(bn)
+            track = bn.training and bn.track_running_stats
+            out = RecomputeConvBNFunction.apply(
+                x, conv.weight, conv.bias, gamma, beta,
+                bn.running_mean if track else None, bn.running_var if track else None,
+                bn.num_batches_tracked if track else None, momentum, float(bn.eps), spec, self.relu is not None)
+        else:  # tune, or a recompute block whose BN is in eval(): running statistics, folded
+            out = TuneConvBNFunction.apply(
+                x, conv.weight, conv.bias, gamma, beta, bn.running_mean, bn.running_var, float(bn.eps), spec)
+            if self.relu is not None:
+                out = out.relu_()
         self._mark(out, fused=True)
         return out
 
@@ -82,24 +100,71 @@ class Block:
             self._pending_fused = fused
 
     # ---------------------------------------------------------------- batch norm
+    def _check_pending(self, input: Tensor, who: str, keep: bool) -> bool:
+        """Is ``input`` the tensor this block's previous stage just produced? Returns whether that
+        stage already computed this one's work (fused)."""
+        if _is_compiling():
+            return True
+        pending = self._pending() if self._pending is not None else None
+        if not keep:
+            self._pending = None
+        if pending is not input:
+            producer = self.conv_name if who == self.bn_name else self.bn_name
+            raise ConvBNError(
+                f"`{who}` received a tensor that is not the output of `{producer}`. In {self.mode} mode convbn "
+                f"computes them as one block, so it must be applied to that output directly; something (a forward "
+                f"hook that replaced a tensor, or control flow the trace did not see) changed the data flow. "
+                f"Exclude this block with filter_fn, or convbn.revert(model)")
+        return self._pending_fused
+
     def bn_forward(self, input: Tensor) -> Tensor:
         bn = self.bn
-        if self.mode == "tune":
-            if _is_compiling():
+        if self.mode in ("tune", "train-recompute"):
+            if self._check_pending(input, self.bn_name, keep=self.relu is not None):
                 return input
-            pending = self._pending() if self._pending is not None else None
-            self._pending = None
-            if pending is not input:
-                raise ConvBNError(
-                    f"`{self.bn_name}` received a tensor that is not the output of `{self.conv_name}`. In tune mode "
-                    f"convbn folded this BN into that conv, so it must be applied to that conv's output directly; "
-                    f"something (a forward hook that replaced a tensor, or control flow the trace did not see) "
-                    f"changed the data flow. Exclude this block with filter_fn, or convbn.revert(model)")
-            if self._pending_fused:
-                return input
+            if self.mode == "train-recompute":  # an unfused call (Linear on N-D input): plain PyTorch BN
+                return _stock_bn_forward(bn, input)
+        if self.mode == "train-fission":
+            out = self._fission(input)
+            if self.relu is not None:
+                self._mark(out, fused=True)
+            return out
         # eval (or an unfused tune call): BN with running statistics, trainable affine
         bn._check_input_dim(input)
         return F.batch_norm(input, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+
+    def _fission(self, input: Tensor) -> Tensor:
+        bn, relu = self.bn, self.relu is not None
+        if not _uses_batch_stats(bn):
+            out = F.batch_norm(input, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+            return out.relu_() if relu else out
+        from .functions.bn_fission import bn_relu_train
+
+        bn._check_input_dim(input)
+        momentum = _update_factor_momentum(bn)
+        track = bn.training and bn.track_running_stats
+        return bn_relu_train(input, bn.weight if bn.affine else None, bn.bias if bn.affine else None,
+                             bn.running_mean if track else None, bn.running_var if track else None,
+                             bn.num_batches_tracked if track else None, momentum, float(bn.eps), relu=relu)
+
+    # ---------------------------------------------------------------- fused ReLU
+    def relu_forward(self, input: Tensor) -> Tensor:
+        self._check_pending(input, self.relu_name, keep=False)
+        return input
+
+
+def _uses_batch_stats(bn: nn.Module) -> bool:
+    """``_BatchNorm.forward``'s rule: batch statistics in training, or when there are no running ones."""
+    return bn.training or (bn.running_mean is None and bn.running_var is None)
+
+
+def _update_factor_momentum(bn: nn.Module) -> Optional[float]:
+    """The BN's momentum as the train Functions take it (``None`` = cumulative average)."""
+    return None if bn.momentum is None else float(bn.momentum)
+
+
+def _stock_bn_forward(bn: nn.Module, input: Tensor) -> Tensor:
+    return type(bn).forward(bn, input)
 
 
 def _stock_layer_forward(conv: nn.Module, input: Tensor, output_size: Optional[List[int]]) -> Tensor:
@@ -155,6 +220,8 @@ class _InstalledForward:
     def __call__(self, *args: Any, **kwargs: Any) -> Tensor:
         if self.role == "conv":
             return self.block.conv_forward(*args, **kwargs)
+        if self.role == "relu":
+            return self.block.relu_forward(*args, **kwargs)
         return self.block.bn_forward(*args, **kwargs)
 
     def __repr__(self) -> str:
@@ -167,14 +234,18 @@ def installed_block(module: nn.Module) -> Optional[Block]:
 
 
 def install(block: Block) -> None:
-    """Set the instance forwards a block's mode needs (eval: BN only; tune: conv and BN)."""
-    if block.conv is not None:
-        uninstall(block.conv)
-    uninstall(block.bn)
-    if block.mode in ("eval", "tune"):
-        block.bn.forward = _InstalledForward(block, "bn")
-    if block.mode == "tune":
+    """Set the instance forwards a block's mode needs: eval and train-fission the BN only; tune and
+    train-recompute the conv and the BN; a fused ReLU (train modes) its ReLU too."""
+    for m in (block.conv, block.bn, block.relu):
+        if m is not None:
+            uninstall(m)
+    if block.mode not in INSTALLED_MODES:
+        raise ValueError(f"no forward to install for mode {block.mode!r}")
+    block.bn.forward = _InstalledForward(block, "bn")
+    if block.mode in ("tune", "train-recompute"):
         block.conv.forward = _InstalledForward(block, "conv")
+    if block.relu is not None:
+        block.relu.forward = _InstalledForward(block, "relu")
 
 
 def uninstall(module: nn.Module) -> None:
