@@ -68,3 +68,41 @@ def test_monai_3d_unet_with_batch_norm_and_transposed_convs():
     report = _check_tune_equals_eval(model, torch.randn(2, 1, 16, 16, 16), min_converted=4)
     kinds = {r.kind for r in report.converted}
     assert "ConvTranspose3d->BatchNorm3d" in kinds and "Conv3d->BatchNorm3d" in kinds
+
+
+def _check_train_variant_equals_plain(model, x, variant, min_converted, steps=2):
+    """float64, batch statistics: outputs, every gradient and every buffer after each step equal
+    plain PyTorch train mode to round-off; float32 output within 1e-4 (the issue's bound)."""
+    torch.manual_seed(0)
+    calibrate_bn(model, x)
+    ref64 = copy.deepcopy(model).double().train()
+    ours64 = convbn.convert(copy.deepcopy(model).double(), "train", **variant).train()
+    report = convbn.report(ours64)
+    assert len(report.converted) >= min_converted, str(report)
+    for step in range(steps):
+        xs = x.double() * (1 + 0.5 * step)
+        a, b = ours64(xs), ref64(xs)
+        g = torch.randn_like(b)
+        ga = torch.autograd.grad(a, list(ours64.parameters()), g)
+        gb = torch.autograd.grad(b, list(ref64.parameters()), g)
+        assert_close_rel(a, b, 1e-10, f"step {step} output")
+        for (name, p), u, v in zip(ours64.named_parameters(), ga, gb):
+            if not name.endswith("bias") or v.abs().max() > 1e-6:  # conv biases before a train BN: exactly 0
+                assert_close_rel(u, v, 1e-8, f"step {step} grad {name}")
+        for (name, u), v in zip(ours64.named_buffers(), ref64.buffers()):
+            assert torch.equal(u, v) if not u.is_floating_point() else max_rel_err(u, v) <= 1e-12, name
+    ours32 = convbn.convert(copy.deepcopy(model), "train", **variant).train()
+    assert_close_rel(ours32(x), copy.deepcopy(model).train()(x), 1e-4, "float32 output")
+    return report
+
+
+def test_monai_resnet50_train_recompute():
+    model = monai_nets.resnet50(spatial_dims=2, n_input_channels=3, num_classes=7)
+    report = _check_train_variant_equals_plain(model, torch.randn(4, 3, 32, 32), {"recompute": True}, 53)
+    assert sum("fused" in r.reason for r in report.converted) >= 1
+
+
+def test_monai_densenet121_train_fission():
+    model = monai_nets.DenseNet121(spatial_dims=2, in_channels=3, out_channels=5)
+    report = _check_train_variant_equals_plain(model, torch.randn(4, 3, 32, 32), {"fission": True}, 121)
+    assert sum("fused" in r.reason for r in report.converted) >= 100  # BN -> ReLU pre-activation layers

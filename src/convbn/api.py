@@ -9,6 +9,7 @@ from typing import Any, Callable, List, Optional
 import torch
 from torch import nn
 
+from . import icf
 from .errors import ConvBNError
 from .fold import fold_conv_bn_weights
 from .match import Analysis, analyze
@@ -163,24 +164,34 @@ def _train_variant(mode: str, recompute: Any, fission: Any) -> Optional[str]:
 
 
 def _apply(model: nn.Module, plan, mode: str, deployed: List[BlockReport]) -> None:
-    """Install the plan; on any failure restore every instance forward as it was."""
+    """Install the plan; on any failure restore every instance forward and root hook as it was."""
     before = {id(m): (m, m.__dict__.get("forward")) for m in model.modules() if installed_block(m) is not None}
+    before_hooks = icf.root_hooks(model)
+    cache = icf.StatsCache() if any(row.mode == "train-fission" for _, row in plan) else None
     folds = []
     try:
         for m, _ in before.values():
             uninstall(m)
+        icf.remove_root_hooks(model)
         for cand, row in plan:
             if row.mode in INSTALLED_MODES:
                 fused_relu = row.mode in TRAIN_VARIANTS and cand.relu is not None
-                install(Block(cand.conv, cand.bn, cand.conv_name, cand.bn_name, row.mode,
-                              cand.relu if fused_relu else None, cand.relu_name if fused_relu else None))
+                block = Block(cand.conv, cand.bn, cand.conv_name, cand.bn_name, row.mode,
+                              cand.relu if fused_relu else None, cand.relu_name if fused_relu else None)
+                block.stats_cache = cache if row.mode == "train-fission" else None
+                install(block)
             elif row.mode == "deploy":
                 folds.append((cand, row, _fold(cand)))
+        if cache is not None:
+            icf.install_root_hooks(model, cache)
     except BaseException:
         for m in model.modules():
             uninstall(m)
         for m, fwd in before.values():
             m.__dict__["forward"] = fwd
+        icf.remove_root_hooks(model)
+        if before_hooks is not None:
+            icf.install_root_hooks(model, before_hooks.cache)
         raise
     # Deploy mutations cannot fail past this point: every fold is already computed.
     for cand, row, (weight, bias) in folds:
@@ -229,6 +240,7 @@ def revert(model: nn.Module) -> nn.Module:
             f"returns a folded copy and leaves the original intact")
     for m in model.modules():
         uninstall(m)
+    icf.remove_root_hooks(model)
     model.__dict__.pop(_STATE, None)
     return model
 

@@ -47,6 +47,7 @@ class Block:
         self.conv, self.bn = conv, bn  # conv is None for a BN that follows no layer
         self.conv_name, self.bn_name = conv_name, bn_name
         self.relu, self.relu_name = relu, relu_name  # an nn.ReLU fused into the block (train modes only)
+        self.stats_cache = None  # train-fission: the model's ICF statistics cache (convbn.icf.StatsCache)
         self.mode = mode
         self.fallback_reason: Optional[str] = None  # set when a call had to run unfused (never silent)
         self._pending: Optional[weakref.ref] = None
@@ -138,14 +139,18 @@ class Block:
         if not _uses_batch_stats(bn):
             out = F.batch_norm(input, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
             return out.relu_() if relu else out
-        from .functions.bn_fission import bn_relu_train
+        from .functions.bn_fission import bn_relu_train, channel_statistics
 
         bn._check_input_dim(input)
         momentum = _update_factor_momentum(bn)
         track = bn.training and bn.track_running_stats
+        stats = None
+        if self.stats_cache is not None and not _is_compiling() and input.dim() > 2:
+            stats = self.stats_cache.stats_for(input, channel_statistics)  # ICF: reuse a concat's pieces
         return bn_relu_train(input, bn.weight if bn.affine else None, bn.bias if bn.affine else None,
                              bn.running_mean if track else None, bn.running_var if track else None,
-                             bn.num_batches_tracked if track else None, momentum, float(bn.eps), relu=relu)
+                             bn.num_batches_tracked if track else None, momentum, float(bn.eps), relu=relu,
+                             stats=stats)
 
     # ---------------------------------------------------------------- fused ReLU
     def relu_forward(self, input: Tensor) -> Tensor:

@@ -580,17 +580,35 @@ def _sweep(op, impl, x: Tensor, *args):
     return impl(x, *args)
 
 
+def channel_statistics(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per-channel batch ``(mean, biased var)`` of ``x`` (``[N, C, *]``) as float64, in one sweep.
+
+    Example:
+        >>> x = 1000 + torch.randn(8, 3, 4, 4)
+        >>> mean, var = channel_statistics(x)
+        >>> torch.allclose(var, x.double().var(dim=(0, 2, 3), unbiased=False))
+        True
+    """
+    if _geometry(x)[3] is None:
+        x = x.contiguous()
+    return _sweep(_stats_op, _stats_impl, x)
+
+
 # --------------------------------------------------------------------------------------------
 # Pure forward / backward, the autograd Function and the functional wrapper.
 # --------------------------------------------------------------------------------------------
 def bn_relu_train_forward(
-    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, relu: bool
+    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, relu: bool,
+    stats: Optional[Tuple[Tensor, Tensor]] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Train-mode BN(+ReLU) without running statistics: sub-BN1 then sub-BN2 (two sweeps).
 
+    ``stats``: the batch ``(mean, biased var)`` of ``x`` if already known (ICF: a concatenation's
+    statistics are its pieces'), which skips the statistics sweep.
     Returns ``(out, mean, invstd, var)``; the last three are float64 ``[C]`` (``var`` biased).
     """
-    mean, var = _sweep(_stats_op, _stats_impl, x)
+    mean, var = _sweep(_stats_op, _stats_impl, x) if stats is None else (
+        stats[0].to(torch.float64), stats[1].to(torch.float64))
     invstd = torch.rsqrt(var + eps)
     scale = invstd if weight is None else weight.to(torch.float64) * invstd
     shift = torch.zeros_like(mean) if bias is None else bias.to(torch.float64)
@@ -634,8 +652,8 @@ class BNReLUTrainFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, relu):  # type: ignore[override]
-        out, mean, invstd, var = bn_relu_train_forward(x, weight, bias, eps, relu)
+    def forward(ctx, x, weight, bias, eps, relu, stats=None):  # type: ignore[override]
+        out, mean, invstd, var = bn_relu_train_forward(x, weight, bias, eps, relu, stats)
         ctx.save_for_backward(x, out if relu else None, weight, mean, invstd)
         ctx.dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
         ctx.mark_non_differentiable(mean, var)
@@ -647,7 +665,7 @@ class BNReLUTrainFunction(torch.autograd.Function):
         gx, gw, gb = bn_relu_train_backward(grad_out, x, out, weight, mean, invstd, ctx.needs_input_grad[:3])
         gw = None if gw is None else gw.to(ctx.dtypes[0])
         gb = None if gb is None else gb.to(ctx.dtypes[1])
-        return gx, gw, gb, None, None
+        return gx, gw, gb, None, None, None
 
 
 def _update_running(buf: Tensor, batch: Tensor, factor: Union[float, Tensor]) -> None:
@@ -668,6 +686,7 @@ def bn_relu_train(
     eps: float,
     *,
     relu: bool = True,
+    stats: Optional[Tuple[Tensor, Tensor]] = None,
 ) -> Tensor:
     """``relu(batch_norm(x, training=True))`` by Fission; updates the running statistics in place.
 
@@ -685,6 +704,8 @@ def bn_relu_train(
         momentum: the BN's momentum, or ``None`` for a cumulative moving average.
         eps: added to the variance inside the square root.
         relu: fuse a ReLU into the output (and its backward).
+        stats: optional precomputed batch ``(mean, biased var)`` of ``x`` per channel (e.g. the
+            concatenated statistics of the pieces of a ``torch.cat``); skips the statistics sweep.
 
     Returns:
         The output, same shape, dtype and memory layout as ``x``; differentiable w.r.t. ``x``,
@@ -719,7 +740,7 @@ def bn_relu_train(
             # stays a tensor (no .item(), no graph break); float64 like torch's 1.0 / float(n)
             factor = num_batches_tracked.to(torch.float64).reciprocal()
 
-    out, mean, var = BNReLUTrainFunction.apply(x, weight, bias, float(eps), bool(relu))
+    out, mean, var = BNReLUTrainFunction.apply(x, weight, bias, float(eps), bool(relu), stats)
     if running_mean is not None or running_var is not None:
         with torch.no_grad():
             if running_mean is not None:

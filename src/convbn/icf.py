@@ -1,0 +1,167 @@
+"""ICF (BN Fission-n-Fusion, Sec. "Inter-Composite-layer Fusion"): reuse batch statistics across
+the concatenations of a DenseNet.
+
+A dense block's layer ``k`` normalizes ``cat([x_0, ..., x_{k-1}], dim=1)``. Per-channel batch
+statistics of a channel-concatenation are the concatenation of its pieces' statistics, so once a
+piece has been measured it never needs another sweep: each BN then sweeps only the channels it has
+not seen -- O(L) statistic sweeps per dense block instead of O(L^2).
+
+How it is wired, without touching the user's code: while a fission-converted model runs forward in
+eager mode, a ``TorchFunctionMode`` (entered and left by forward hooks on the root module, the
+post-hook with ``always_call=True`` so an exception cannot leak it) records every ``torch.cat``
+along the channel axis. The fission BNs ask :meth:`StatsCache.stats_for` for their input's
+statistics. Every cached entry carries the tensor's version counter: a piece or a concatenation
+modified in place after it was measured is simply measured again -- never a stale statistic.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["StatsCache", "ConcatRecorder"]
+
+_CATS = {torch.cat, torch.concat, torch.concatenate}
+
+
+class StatsCache:
+    """Per-forward cache: tensor -> per-channel ``(mean, biased var)`` (float64), and concat records."""
+
+    def __init__(self) -> None:
+        self.stats: Dict[int, Tuple[weakref.ref, int, Tensor, Tensor]] = {}
+        self.cats: Dict[int, Tuple[weakref.ref, int, List[Tuple[weakref.ref, int]]]] = {}
+        self.swept_channels = 0  # channels measured by a statistics sweep (for tests/benchmarks)
+        self.reused_channels = 0  # channels whose statistics came from the cache
+
+    def clear(self) -> None:
+        self.stats.clear()
+        self.cats.clear()
+
+    # pickling / deepcopy: weakrefs are transient
+    def __getstate__(self) -> dict:
+        return {"swept_channels": 0, "reused_channels": 0}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
+    def record_cat(self, out: Tensor, parts: List[Tensor]) -> None:
+        pieces, offset = [], 0
+        for p in parts:
+            pieces.append((weakref.ref(p), p._version, offset, p.shape[1]))
+            offset += p.shape[1]
+        self.cats[id(out)] = (weakref.ref(out), out._version, pieces)
+
+    def _cached(self, t: Optional[Tensor], version: Optional[int] = None) -> Optional[Tuple[Tensor, Tensor]]:
+        """Cached statistics of ``t`` if they describe its data at ``version`` (default: now)."""
+        if t is None:
+            return None
+        entry = self.stats.get(id(t))
+        want = t._version if version is None else version
+        if entry is not None and entry[0]() is t and entry[1] == want:
+            return entry[2], entry[3]
+        return None
+
+    def _store(self, t: Tensor, mean: Tensor, var: Tensor) -> None:
+        self.stats[id(t)] = (weakref.ref(t), t._version, mean, var)
+
+    def stats_for(self, x: Tensor, sweep) -> Tuple[Tensor, Tensor]:
+        """``x``'s per-channel statistics: cached, assembled from a concatenation's pieces (sweeping
+        only the pieces never measured, as channel slices of ``x``), or swept."""
+        hit = self._cached(x)
+        if hit is not None:
+            self.reused_channels += x.shape[1]
+            return hit
+        cat = self.cats.get(id(x))
+        if cat is not None and cat[0]() is x and cat[1] == x._version:
+            means, vars_ = [], []
+            for ref, version, offset, channels in cat[2]:
+                # statistics measured when the piece held exactly what the cat copied
+                hit = self._cached(ref(), version)
+                if hit is None:
+                    hit = sweep(x.narrow(1, offset, channels))
+                    self.swept_channels += channels
+                else:
+                    self.reused_channels += channels
+                means.append(hit[0])
+                vars_.append(hit[1])
+            mean, var = torch.cat(means), torch.cat(vars_)
+        else:
+            mean, var = sweep(x)
+            self.swept_channels += x.shape[1]
+        self._store(x, mean, var)
+        return mean, var
+
+
+class ConcatRecorder(TorchFunctionMode):
+    """Records channel-axis ``torch.cat`` calls into a :class:`StatsCache`; everything else passes."""
+
+    def __init__(self, cache: StatsCache):
+        super().__init__()
+        self.cache = cache
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func in _CATS and isinstance(out, Tensor) and out.dim() >= 2:
+            tensors = args[0] if args else kwargs.get("tensors")
+            dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+            if isinstance(tensors, (list, tuple)) and dim in (1, 1 - out.dim()) and \
+                    all(isinstance(t, Tensor) and t.dim() == out.dim() for t in tensors):
+                self.cache.record_cat(out, list(tensors))
+        return out
+
+
+class RootHooks:
+    """The pre/post forward hooks on the model root that scope one :class:`ConcatRecorder` per forward."""
+
+    _convbn_installed = True
+
+    def __init__(self, cache: StatsCache):
+        self.cache = cache
+        self.active: List[ConcatRecorder] = []
+
+    def __getstate__(self) -> dict:
+        return {"cache": self.cache, "active": []}
+
+    def pre(self, module, args):
+        if torch.compiler.is_compiling():
+            return None
+        self.cache.clear()
+        recorder = ConcatRecorder(self.cache)
+        recorder.__enter__()
+        self.active.append(recorder)
+        return None
+
+    def post(self, module, args, output):
+        if self.active:
+            self.active.pop().__exit__(None, None, None)
+        self.cache.clear()
+        return None
+
+
+def install_root_hooks(model: torch.nn.Module, cache: StatsCache) -> RootHooks:
+    remove_root_hooks(model)
+    hooks = RootHooks(cache)
+    model.register_forward_pre_hook(hooks.pre)
+    model.register_forward_hook(hooks.post, always_call=True)
+    return hooks
+
+
+def root_hooks(model: torch.nn.Module) -> Optional[RootHooks]:
+    for fn in list(model._forward_pre_hooks.values()):
+        if isinstance(getattr(fn, "__self__", None), RootHooks):
+            return fn.__self__
+    return None
+
+
+def remove_root_hooks(model: torch.nn.Module) -> None:
+    """Remove convbn's root hooks (found by owner, so deep copies and unpickled models work too)."""
+    for table in (model._forward_pre_hooks, model._forward_hooks):
+        for key, fn in list(table.items()):
+            if isinstance(getattr(fn, "__self__", None), RootHooks):
+                del table[key]
+                getattr(model, "_forward_hooks_always_called", {}).pop(key, None)

@@ -1,0 +1,127 @@
+"""ICF: statistics of channel-concatenations reused across fission BNs, never stale."""
+
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import convbn
+from conftest import assert_close_rel, randomize_all_bn
+from convbn.icf import root_hooks
+
+
+class TinyDense(nn.Module):
+    """A 4-layer dense block in MONAI/torchvision's BN -> ReLU -> Conv layout."""
+
+    def __init__(self, c0=8, growth=4, layers=4):
+        super().__init__()
+        self.layers = nn.ModuleList()
+        c = c0
+        for _ in range(layers):
+            self.layers.append(nn.Sequential(nn.BatchNorm2d(c), nn.ReLU(inplace=True), nn.Conv2d(c, growth, 3, padding=1, bias=False)))
+            c += growth
+        self.norm = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.cat([x, layer(x)], 1)
+        return self.norm(x)
+
+
+def _train_compare(model, ref, x):
+    out, ref_out = model(x), ref(x)
+    assert_close_rel(out, ref_out, 2e-5, "output")
+    g = torch.randn_like(out)
+    for (name, _), a, b in zip(model.named_parameters(), torch.autograd.grad(out, list(model.parameters()), g),
+                               torch.autograd.grad(ref_out, list(ref.parameters()), g)):
+        assert_close_rel(a, b, 5e-5, name)
+    for (name, a), b in zip(model.named_buffers(), ref.buffers()):
+        assert_close_rel(a.double(), b.double(), 1e-6, name)
+
+
+def test_dense_block_sweeps_each_channel_once_and_matches_plain_train():
+    model = randomize_all_bn(TinyDense())
+    ref = copy.deepcopy(model)
+    convbn.convert(model, "train", fission=True)
+    cache = root_hooks(model).cache
+    _train_compare(model, ref, torch.randn(4, 8, 6, 6))
+    # BN inputs have 8, 12, 16, 20 and 24 channels (80 in all); without ICF every one is swept.
+    # With ICF: the first 8, then only each layer's 4 new channels.
+    assert cache.swept_channels == 8 + 4 * 4
+    assert cache.reused_channels == 80 - cache.swept_channels
+
+
+class InPlaceTraps(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn1, self.bn2, self.bn3 = nn.BatchNorm2d(4), nn.BatchNorm2d(6), nn.BatchNorm2d(6)
+        self.conv = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        x = x * 1.0
+        y = self.bn1(x)           # x's statistics are measured here...
+        x.mul_(3).add_(1)         # ...then x changes in place before it is concatenated
+        t = torch.cat([x, self.conv(y)], 1)
+        u = self.bn2(t)           # must not reuse x's stale statistics
+        t.sub_(2)                 # and the concatenation itself changes in place
+        return u + self.bn3(t)    # must not reuse t's stale statistics
+
+
+@torch.no_grad()  # the traps modify tensors BN saved for backward: forward (train statistics) only
+def test_in_place_changes_never_reuse_stale_statistics():
+    model = randomize_all_bn(InPlaceTraps())
+    ref = copy.deepcopy(model)
+    convbn.convert(model, "train", fission=True)
+    x = torch.randn(3, 4, 5, 5) + 2
+    assert_close_rel(model(x), ref(x), 2e-5)
+    for (name, a), b in zip(model.named_buffers(), ref.buffers()):
+        assert_close_rel(a.double(), b.double(), 1e-6, name)
+
+
+class Raises(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(4)
+        self.fail = False
+
+    def forward(self, x):
+        x = self.bn(torch.cat([x, x], 1))
+        if self.fail:
+            raise RuntimeError("user error")
+        return x
+
+
+def test_an_exception_in_forward_leaves_no_torch_function_mode_behind():
+    model = Raises()
+    convbn.convert(model, "train", fission=True)
+    model.fail = True
+    with pytest.raises(RuntimeError, match="user error"):
+        model(torch.randn(2, 2, 3, 3))
+    assert not torch._C._is_torch_function_mode_enabled()
+
+
+def test_root_hooks_survive_deepcopy_and_pickle_and_are_removed_by_revert_and_mode_switch():
+    model = randomize_all_bn(TinyDense())
+    convbn.convert(model, "train", fission=True)
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        hooks = root_hooks(clone)
+        assert hooks is not None and hooks is not root_hooks(model)
+        assert clone.layers[0][0].forward.block.stats_cache is hooks.cache
+        clone(torch.randn(2, 8, 4, 4))
+        convbn.revert(clone)
+        assert root_hooks(clone) is None and not clone._forward_pre_hooks and not clone._forward_hooks
+    convbn.convert(model, "tune")
+    assert root_hooks(model) is None
+
+
+def test_user_hooks_on_the_root_are_untouched():
+    model = randomize_all_bn(TinyDense())
+    calls = []
+    model.register_forward_hook(lambda m, i, o: calls.append("user"))
+    convbn.convert(model, "train", fission=True)
+    model(torch.randn(2, 8, 4, 4))
+    convbn.revert(model)
+    model(torch.randn(2, 8, 4, 4))
+    assert calls == ["user", "user"] and len(model._forward_hooks) == 1
