@@ -1,7 +1,6 @@
 """Real third-party CNNs from MONAI: tune == eval for forward and every parameter gradient."""
 
 import copy
-import statistics
 
 import pytest
 import torch
@@ -20,14 +19,21 @@ def _grads(model, x, g):
     return [out] + list(torch.autograd.grad(out, params, g.to(out.dtype)))
 
 
+def _global_rel_l2(actual, expected):
+    num = sum(float(((a.double() - e) ** 2).sum()) for a, e in zip(actual, expected))
+    return (num / sum(float((e ** 2).sum()) for e in expected)) ** 0.5
+
+
 def _check_tune_equals_eval(model, x, min_converted):
     """float64: tune == eval to round-off for the output and every gradient (the fold is exact).
-    float32: a 50-layer net amplifies round-off chaotically (ReLU masks flip), so single tensors can
-    differ by ~1e-2 in *either* mode; the median error over all tensors against the float64 truth is
-    the stable measure, and tune's must be no worse than eval's own (it is ~100x smaller)."""
+
+    float32: the output matches to 1e-5. Gradients of a deep ReLU net are discontinuous where an
+    activation sits at ~0: fp32 round-off flips a few ReLU masks, in *either* mode, and a flip moves
+    single gradient entries by ~1e-2 (measured: eval flips too; between flips tune's backward error
+    is ~1e-6 vs eval's ~1e-4). So fp32 gradients are checked by their global relative L2 error
+    against the float64 truth, <= 1e-2: a few flips pass, any wrong formula (O(1)) fails."""
     torch.manual_seed(0)
     calibrate_bn(model, x)
-    ref = convbn.convert(copy.deepcopy(model), "eval")
     exact = convbn.convert(copy.deepcopy(model).double(), "eval")
     tuned64 = convbn.convert(copy.deepcopy(model).double(), "tune")
     convbn.convert(model, "tune")
@@ -40,11 +46,10 @@ def _check_tune_equals_eval(model, x, min_converted):
     truth = _grads(exact, x.double(), g)
     for name, a, b in zip(names, _grads(tuned64, x.double(), g), truth):
         assert_close_rel(a, b, 1e-10, f"float64 {name}")
-    err_tune = [max_rel_err(a.double(), t) for a, t in zip(_grads(model, x, g), truth)]
-    err_eval = [max_rel_err(b.double(), t) for b, t in zip(_grads(ref, x, g), truth)]
-    assert err_tune[0] <= max(2 * err_eval[0], 1e-5), f"float32 output: tune {err_tune[0]:.2e} vs eval {err_eval[0]:.2e}"
-    assert statistics.median(err_tune) <= max(statistics.median(err_eval), 1e-5), (
-        f"float32 median gradient error: tune {statistics.median(err_tune):.2e} vs eval {statistics.median(err_eval):.2e}")
+    got = _grads(model, x, g)
+    assert_close_rel(got[0], truth[0], 1e-5, "float32 output")
+    err = _global_rel_l2(got[1:], truth[1:])
+    assert err <= 1e-2, f"float32 gradients: global relative L2 error {err:.2e}"
     return report
 
 
