@@ -218,3 +218,23 @@ def peak_live_tensor_bytes(fn: Callable[[], Any]) -> Tuple[Any, int]:
     with LiveTensorMeter() as meter:
         result = fn()
     return result, meter.peak
+
+
+def retained_bytes(fn: Callable[[], Any]) -> int:
+    """Bytes of storages allocated by ``fn()`` that are still alive when it returns, its result kept.
+
+    For a forward pass this is what the autograd graph retains for backward (plus the output),
+    whatever mechanism keeps it -- ordinary saved tensors, ``torch.utils.checkpoint``'s own stash
+    (which bypasses outer ``saved_tensors_hooks``), or a custom Function. Pre-existing tensors
+    (parameters, inputs) are not counted.
+
+    Example:
+        >>> w = torch.randn(100, 100, requires_grad=True)
+        >>> x = torch.randn(10, 100)
+        >>> retained_bytes(lambda: (x @ w).relu())  # x @ w is freed; relu keeps its output
+        4000
+    """
+    with LiveTensorMeter() as meter:
+        result = fn()
+    del result
+    return meter.current
