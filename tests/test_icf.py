@@ -51,6 +51,9 @@ def test_dense_block_sweeps_each_channel_once_and_matches_plain_train():
     # With ICF: the first 8, then only each layer's 4 new channels.
     assert cache.swept_channels == 8 + 4 * 4
     assert cache.reused_channels == 80 - cache.swept_channels
+    with torch.no_grad():  # nothing keeps the earlier concatenations alive here: still reused
+        model(torch.randn(4, 8, 6, 6))
+    assert cache.swept_channels == 2 * (8 + 4 * 4)
 
 
 class InPlaceTraps(nn.Module):

@@ -33,7 +33,8 @@ class StatsCache:
 
     def __init__(self) -> None:
         self.stats: Dict[int, Tuple[weakref.ref, int, Tensor, Tensor]] = {}
-        self.cats: Dict[int, Tuple[weakref.ref, int, List[Tuple[weakref.ref, int]]]] = {}
+        # id(cat output) -> (weakref, version, [(channel offset, channels, piece stats or None)])
+        self.cats: Dict[int, Tuple[weakref.ref, int, List[Tuple[int, int, Optional[Tuple[Tensor, Tensor]]]]]] = {}
         self.swept_channels = 0  # channels measured by a statistics sweep (for tests/benchmarks)
         self.reused_channels = 0  # channels whose statistics came from the cache
 
@@ -49,19 +50,18 @@ class StatsCache:
         self.__init__()
 
     def record_cat(self, out: Tensor, parts: List[Tensor]) -> None:
+        """Remember ``out = cat(parts, dim=1)`` with each piece's statistics *as of now* (the data the
+        cat copied), so they stay usable after the piece itself is freed (e.g. under no_grad)."""
         pieces, offset = [], 0
         for p in parts:
-            pieces.append((weakref.ref(p), p._version, offset, p.shape[1]))
+            pieces.append((offset, p.shape[1], self._cached(p)))
             offset += p.shape[1]
         self.cats[id(out)] = (weakref.ref(out), out._version, pieces)
 
-    def _cached(self, t: Optional[Tensor], version: Optional[int] = None) -> Optional[Tuple[Tensor, Tensor]]:
-        """Cached statistics of ``t`` if they describe its data at ``version`` (default: now)."""
-        if t is None:
-            return None
+    def _cached(self, t: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
+        """Cached statistics of ``t`` if they describe its current data (same version counter)."""
         entry = self.stats.get(id(t))
-        want = t._version if version is None else version
-        if entry is not None and entry[0]() is t and entry[1] == want:
+        if entry is not None and entry[0]() is t and entry[1] == t._version:
             return entry[2], entry[3]
         return None
 
@@ -78,10 +78,8 @@ class StatsCache:
         cat = self.cats.get(id(x))
         if cat is not None and cat[0]() is x and cat[1] == x._version:
             means, vars_ = [], []
-            for ref, version, offset, channels in cat[2]:
-                # statistics measured when the piece held exactly what the cat copied
-                hit = self._cached(ref(), version)
-                if hit is None:
+            for offset, channels, hit in cat[2]:
+                if hit is None:  # never measured: sweep just these channels, as a slice of x
                     hit = sweep(x.narrow(1, offset, channels))
                     self.swept_channels += channels
                 else:
