@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import assert_close_rel
-from convbn.functions.tune import ConvSpec, TuneConvBNFunction, tune_conv_bn
+from convbn.functions.tune import ConvSpec, TuneConvBNFunction, tune_conv_bn, tune_route
 from convbn.bench.memory import saved_tensor_bytes
 from layer_cases import block_params, make_block
 
@@ -24,8 +24,17 @@ def _params(layer, bn):
     return ps + ([bn.weight, bn.bias] if bn.affine else [])
 
 
+ROUTES = ["weight", "activation"]
+
+
+@pytest.fixture(params=ROUTES)
+def route(request):
+    with tune_route(request.param):
+        yield request.param
+
+
 @pytest.mark.parametrize("kind,bias,affine,groups", block_params())
-def test_tune_equals_eval_forward_and_all_gradients(kind, bias, affine, groups):
+def test_tune_equals_eval_forward_and_all_gradients(kind, bias, affine, groups, route):
     layer, bn, x = make_block(kind, bias, affine, groups)
     bn.eval()
     ref_layer, ref_bn = copy.deepcopy(layer), copy.deepcopy(bn)
@@ -47,7 +56,7 @@ def test_tune_equals_eval_forward_and_all_gradients(kind, bias, affine, groups):
 @pytest.mark.parametrize("kind,groups,second_order", [
     ("Conv2d", 1, True), ("Conv1d", 2, False), ("ConvTranspose2d", 2, False), ("ConvTranspose3d", 1, False),
     ("ConvTranspose1d", 2, True), ("Linear", 1, True)])
-def test_gradcheck_float64(kind, groups, second_order):
+def test_gradcheck_float64(kind, groups, second_order, route):
     layer, bn, x = make_block(kind, True, True, groups, c_in=2, c_out=4)
     layer, bn = layer.double(), bn.double().eval()
     x = x[:3] if x.dim() == 2 else x[(slice(0, 2), slice(None)) + (slice(0, {3: 5, 4: 4, 5: 3}[x.dim()]),) * (x.dim() - 2)]
@@ -64,7 +73,7 @@ def test_gradcheck_float64(kind, groups, second_order):
         assert torch.autograd.gradgradcheck(fn, inputs, eps=1e-6, atol=1e-4)
 
 
-def test_only_needed_gradients_are_computed():
+def test_only_needed_gradients_are_computed(route):
     layer, bn, x = make_block("Conv2d", True, True, 1)
     bn.eval()
     layer.weight.requires_grad_(False)
@@ -89,7 +98,7 @@ def test_saves_only_input_and_vectors_like_deploy():
     assert tune_bytes - deploy_bytes <= 3 * 16 * 4
 
 
-def test_autocast_bf16_folds_in_float32():
+def test_autocast_bf16_folds_in_float32(route):
     layer, bn, x = make_block("Conv2d", True, True, 1)
     bn.eval()
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -105,7 +114,7 @@ def test_autocast_bf16_folds_in_float32():
     assert layer.weight.grad.dtype == torch.float32 and torch.isfinite(layer.weight.grad).all()
 
 
-def test_half_precision_parameters():
+def test_half_precision_parameters(route):
     layer, bn, x = make_block("Conv2d", True, True, 1)
     bn.eval()
     ref = copy.deepcopy(bn).double()(copy.deepcopy(layer).double()(x.double()))
@@ -114,3 +123,35 @@ def test_half_precision_parameters():
     plain = bn16(layer16(x.to(torch.bfloat16)))
     assert out.dtype == torch.bfloat16
     assert (out.double() - ref).abs().max() <= 1.5 * (plain.double() - ref).abs().max()
+
+
+@pytest.mark.parametrize("route_name", ROUTES)
+def test_zero_gamma_channels_are_exact_in_every_route(route_name):
+    """A zero-initialized gamma (zero_init_residual) makes s = 0: the activation route would divide
+    by it, so backward must take the weight route for that call -- gradients still exact."""
+    layer, bn, x = make_block("Conv2d", True, True, 1)
+    bn.eval()
+    with torch.no_grad():
+        bn.weight[[0, 3]] = 0.0
+    ref_layer, ref_bn = copy.deepcopy(layer), copy.deepcopy(bn)
+    expected = ref_bn(ref_layer(x))
+    with tune_route(route_name):
+        out = _tune_call(layer, bn, x)
+    g = torch.randn_like(expected)
+    got = torch.autograd.grad(out, _params(layer, bn), g)
+    want = torch.autograd.grad(expected, _params(ref_layer, ref_bn), g)
+    for a, b in zip(got, want):
+        assert torch.isfinite(a).all()
+        assert_close_rel(a, b, 2e-5)
+
+
+def test_auto_route_picks_the_smaller_side():
+    from convbn.functions.tune import _activation_route, _output_numel
+
+    big_weight = torch.empty(512, 512, 3, 3)
+    spec = ConvSpec((1, 1), (1, 1), (1, 1), False, (0, 0), 1)
+    small_act = torch.empty(16, 512, 4, 4)
+    big_act = torch.empty(16, 512, 56, 56)
+    assert _output_numel(small_act, big_weight, spec) == 16 * 512 * 4 * 4
+    assert _activation_route(_output_numel(small_act, big_weight, spec), big_weight)
+    assert not _activation_route(_output_numel(big_act, big_weight, spec), big_weight)

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ..fold import scale_weight_per_out_channel, sum_per_out_channel
 
-__all__ = ["ConvSpec", "TuneConvBNFunction", "tune_conv_bn", "tune_forward", "tune_backward"]
+__all__ = ["ConvSpec", "TuneConvBNFunction", "tune_conv_bn", "tune_forward", "tune_backward", "tune_route"]
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,79 @@ def _folded_weight(weight: Tensor, scale: Tensor, spec: Optional[ConvSpec], dtyp
     return scale_weight_per_out_channel(weight.to(scale.dtype), scale, groups=groups, transposed=transposed).to(dtype)
 
 
+# Two exact ways to apply the BN's per-channel scale s (paper Sec. 3.2.2: the affine map commutes
+# with the layer along output channels):
+#   "weight"     -- fold s into the weight (w' = w * s) and convolve once: weight-sized passes;
+#   "activation" -- convolve with w, then scale the output (forward) / the incoming gradient
+#                   (backward): activation-sized passes.
+# Both save the same tensors. "auto" picks per call whichever touches fewer elements: late layers of
+# a CNN have far larger weights than activations (ResNet-50 layer4 at 112px: 2.4M vs 0.13M).
+_ROUTE = "auto"
+ROUTES = ("auto", "weight", "activation")
+
+
+class tune_route:
+    """Context manager forcing Tune's route (``"auto"``, ``"weight"`` or ``"activation"``); for tests
+    and benchmarks -- all routes compute the same function and gradients.
+
+    Example:
+        >>> with tune_route("weight"):
+        ...     pass
+    """
+
+    def __init__(self, route: str):
+        if route not in ROUTES:
+            raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
+        self.route = route
+
+    def __enter__(self) -> "tune_route":
+        global _ROUTE
+        self.previous, _ROUTE = _ROUTE, self.route
+        return self
+
+    def __exit__(self, *exc) -> None:
+        global _ROUTE
+        _ROUTE = self.previous
+
+
+def _output_numel(x: Tensor, weight: Tensor, spec: Optional[ConvSpec]) -> int:
+    if spec is None:
+        return x.shape[0] * weight.shape[0]
+    k = weight.shape[2:]
+    n = x.shape[0] * (weight.shape[1] * spec.groups if spec.transposed else weight.shape[0])
+    for i, size in enumerate(x.shape[2:]):
+        d, st, p = spec.dilation[i], spec.stride[i], spec.padding[i]
+        if spec.transposed:
+            n *= (size - 1) * st - 2 * p + d * (k[i] - 1) + spec.output_padding[i] + 1
+        else:
+            n *= (size + 2 * p - d * (k[i] - 1) - 1) // st + 1
+    return n
+
+
+def _activation_route(activation_numel: int, weight: Tensor) -> bool:
+    return _ROUTE == "activation" or (_ROUTE == "auto" and activation_numel < weight.numel())
+
+
+def _layer(x: Tensor, w: Tensor, b: Optional[Tensor], spec: Optional[ConvSpec]) -> Tensor:
+    if spec is None:
+        return torch.nn.functional.linear(x, w, b)
+    return torch.convolution(x, w, b, spec.stride, spec.padding, spec.dilation, spec.transposed,
+                             spec.output_padding, spec.groups)
+
+
+def _channel_view(v: Tensor, like: Tensor) -> Tensor:
+    return v.reshape((1, -1) + (1,) * (like.dim() - 2))
+
+
+def _per_channel_dot(a: Tensor, b: Tensor, spec: Optional[ConvSpec]) -> Tensor:
+    """``sum(a * b)`` per output channel of two weight-shaped tensors, without materializing ``a * b``
+    where the layout allows (one batched GEMV)."""
+    if spec is None or not spec.transposed:
+        c = a.shape[0]
+        return torch.bmm(a.reshape(c, 1, -1), b.reshape(c, -1, 1)).reshape(c)
+    return sum_per_out_channel(a * b, groups=spec.groups, transposed=True)
+
+
 def tune_forward(
     x: Tensor,
     weight: Tensor,
@@ -93,20 +166,28 @@ def tune_forward(
     folded_bias = _bias_minus_mean(bias, neg_mean) * scale
     if beta is not None:
         folded_bias = folded_bias + beta.to(fdt)
-    w = _folded_weight(weight, scale, spec, compute_dtype)
     x_used = x.to(compute_dtype)
     b = folded_bias.to(compute_dtype)
-    if spec is None:
-        out = torch.nn.functional.linear(x_used, w, b)
+    if _activation_route(_output_numel(x, weight, spec), weight):
+        out = _layer(x_used, weight.to(compute_dtype), None, spec)
+        out = torch.addcmul(_channel_view(b, out), out, _channel_view(scale.to(compute_dtype), out), out=out)
     else:
-        out = torch.convolution(
-            x_used, w, b, spec.stride, spec.padding, spec.dilation, spec.transposed, spec.output_padding, spec.groups
-        )
+        out = _layer(x_used, _folded_weight(weight, scale, spec, compute_dtype), b, spec)
     return out, x_used, invstd, neg_mean
 
 
 def _bias_minus_mean(bias: Optional[Tensor], neg_mean: Tensor) -> Tensor:
     return neg_mean if bias is None else bias.to(neg_mean.dtype) + neg_mean
+
+
+def _layer_backward(g: Tensor, x: Tensor, w: Tensor, spec: Optional[ConvSpec], mask: Sequence[bool]):
+    need_x, need_w, need_b = mask
+    if spec is None:
+        return (g @ w if need_x else None, g.t() @ x if need_w else None, g.sum(0) if need_b else None)
+    c_out = w.shape[1] * spec.groups if spec.transposed else w.shape[0]
+    return torch.ops.aten.convolution_backward(
+        g, x, w, [c_out], spec.stride, spec.padding, spec.dilation, spec.transposed,
+        spec.output_padding, spec.groups, [need_x, need_w, need_b])
 
 
 def tune_backward(
@@ -121,37 +202,50 @@ def tune_backward(
     compute_dtype: torch.dtype,
     needs: Sequence[bool],
 ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-    """Gradients ``(x, weight, bias, gamma, beta)`` of :func:`tune_forward`; ``needs`` masks them."""
+    """Gradients ``(x, weight, bias, gamma, beta)`` of :func:`tune_forward`; ``needs`` masks them.
+
+    Weight route: one ``convolution_backward`` against the refolded ``w'`` gives ``dL/dx``,
+    ``dL/dw'`` and ``dL/db'``; then ``dL/dw = s * dL/dw'``. Activation route: one
+    ``convolution_backward`` of ``g * s`` against the original ``w`` gives ``dL/dx``, ``dL/dw`` and
+    ``dL/db`` directly; ``dL/dw'`` is recovered as ``dL/dw / s``, so this route is only taken when
+    no channel has ``s == 0`` (a zero-initialized gamma).
+    """
     need_x, need_w, need_b, need_gamma, need_beta = needs
-    need_wf = need_w or need_gamma
-    need_bf = need_b or need_gamma or need_beta
     scale = _scale(gamma, invstd)
-    w = _folded_weight(weight, scale, spec, compute_dtype)
-    g = grad_out.to(compute_dtype)
-    if spec is None:
-        gx = g @ w if need_x else None
-        gwf = g.t() @ x_used if need_wf else None
-        gbf = g.sum(0) if need_bf else None
-    else:
-        c_out = w.shape[1] * spec.groups if spec.transposed else w.shape[0]
-        gx, gwf, gbf = torch.ops.aten.convolution_backward(
-            g, x_used, w, [c_out], spec.stride, spec.padding, spec.dilation, spec.transposed,
-            spec.output_padding, spec.groups, [need_x, need_wf, need_bf],
-        )
-    groups, transposed = (1, False) if spec is None else (spec.groups, spec.transposed)
     fdt = scale.dtype
-    gwf = None if gwf is None else gwf.to(fdt)
-    gbf = None if gbf is None else gbf.to(fdt)
-    grad_w = grad_b = grad_gamma = grad_beta = None
-    if need_w:
-        grad_w = scale_weight_per_out_channel(gwf, scale, groups=groups, transposed=transposed)
-    if need_b:
-        grad_b = gbf * scale
+    groups, transposed = (1, False) if spec is None else (spec.groups, spec.transposed)
+    g = grad_out.to(compute_dtype)
+    grad_w = grad_b = grad_gamma = grad_beta = dot = None
+    sum_g = None
+    safe = bool((scale.abs() > 1e-30).all()) if need_gamma else True
+    if safe and _activation_route(g.numel(), weight):
+        gs = g * _channel_view(scale.to(compute_dtype), g)
+        gx, gw, gb = _layer_backward(gs, x_used, weight.to(compute_dtype), spec,
+                                     [need_x, need_w or need_gamma, need_b])
+        gw = None if gw is None else gw.to(fdt)
+        if need_w:
+            grad_w = gw
+        if need_b:
+            grad_b = gb.to(fdt)
+        if need_gamma or need_beta:
+            sum_g = g.sum([0] + list(range(2, g.dim()))).to(fdt)
+        if need_gamma:
+            dot = _per_channel_dot(gw, weight.to(fdt), spec) / scale
+    else:
+        w = _folded_weight(weight, scale, spec, compute_dtype)
+        gx, gwf, gbf = _layer_backward(g, x_used, w, spec, [need_x, need_w or need_gamma, need_b or need_gamma or need_beta])
+        gwf = None if gwf is None else gwf.to(fdt)
+        sum_g = None if gbf is None else gbf.to(fdt)
+        if need_gamma:
+            dot = _per_channel_dot(gwf, weight.to(fdt), spec)
+        if need_w:
+            grad_w = scale_weight_per_out_channel(gwf, scale, groups=groups, transposed=transposed)
+        if need_b:
+            grad_b = sum_g * scale
     if need_gamma:
-        dot = sum_per_out_channel(gwf * weight.to(fdt), groups=groups, transposed=transposed)
-        grad_gamma = invstd * (dot + gbf * _bias_minus_mean(bias, neg_mean))
+        grad_gamma = invstd * (dot + sum_g * _bias_minus_mean(bias, neg_mean))
     if need_beta:
-        grad_beta = gbf
+        grad_beta = sum_g
     return gx, grad_w, grad_b, grad_gamma, grad_beta
 
 
