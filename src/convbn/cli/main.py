@@ -1,0 +1,75 @@
+"""``convbn`` command line entry point: ``main(argv=None) -> int`` dispatches to one module per subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional, Sequence
+
+import convbn
+from convbn.errors import ConvBNError
+from convbn.experiments.common import ExperimentError
+
+from . import adversarial, bench, inspect_cmd, run_default, transfer
+from ._options import HelpFormatter
+
+SUBCOMMANDS = (run_default, bench, inspect_cmd, transfer, adversarial)
+
+DESCRIPTION = """\
+convbn: Train / Eval / Tune / Deploy modes of Conv->BatchNorm blocks (arXiv 2305.11624), measured on
+your CPU. With no arguments, `convbn` runs the main job (`convbn run`): every mode side by side on a
+default model, printing memory, time and error as a table and writing a PNG bar chart."""
+
+EPILOG = """\
+examples:
+  convbn                                  # the main job, about a minute
+  convbn bench --model small_resnet       # Table 6 / Fig. 3 sweep over batch and input sizes
+  convbn inspect mobilenet_v2_pretrained  # report, Fig. 2a histogram, Appendix M per block
+  convbn transfer                         # Table 7 on CPU: fine-tune pretrained MobileNetV2 on digits
+  convbn adversarial                      # Table 10: FGSM/PGD in eval vs tune
+  convbn COMMAND --help                   # options and more examples
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="convbn", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"convbn {convbn.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    for module in SUBCOMMANDS:
+        module.add_parser(sub)
+    return parser
+
+
+def _with_default_command(argv: Sequence[str]) -> List[str]:
+    """``convbn`` and ``convbn --model X ...`` mean ``convbn run ...``."""
+    argv = list(argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
+        return ["run"] + argv
+    return argv
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the ``convbn`` command line with ``argv`` (default: ``sys.argv[1:]``); returns the exit code.
+
+    Exit codes: 0 success, 1 an experiment could not run (the message says why and how to fix it),
+    2 bad command-line usage (argparse).
+
+    Example:
+        >>> main(["--version"])  # doctest: +SKIP
+        convbn 0.1.0
+    """
+    parser = build_parser()
+    args = parser.parse_args(_with_default_command(sys.argv[1:] if argv is None else argv))
+    try:
+        return int(args.func(args) or 0)
+    except (ExperimentError, ConvBNError, ValueError, TypeError, ImportError, FileNotFoundError) as e:
+        print(f"convbn {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"convbn {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

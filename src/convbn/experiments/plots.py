@@ -1,0 +1,183 @@
+"""PNG figures of the experiments (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Sequence
+
+from .common import ExperimentError, mib
+
+__all__ = ["pyplot", "plot_mode_bars", "plot_sweep", "plot_scale_histogram", "plot_appendix_m",
+           "plot_transfer", "plot_adversarial"]
+
+_COLORS = {"train": "#7f7f7f", "train+recompute": "#bcbd22", "train+fission": "#17becf", "eval": "#1f77b4",
+           "tune": "#2ca02c", "deploy": "#d62728"}
+
+
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the Agg backend, or a clear error when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ExperimentError("plots need matplotlib, which is not installed. Install it with "
+                              "`pip install matplotlib` (or `pip install convbn[bench]`), or pass --no-plot") from None
+    return plt
+
+
+def _save(fig: Any, path: str) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+    return path
+
+
+def _color(name: str) -> str:
+    return _COLORS.get(name, "#9467bd")
+
+
+def plot_mode_bars(rows: Sequence[Any], path: str, title: str) -> str:
+    """Three bar panels (saved MiB, peak MiB, median step ms with IQR whiskers) for ``ModeRow`` s."""
+    plt = pyplot()
+    names = [r.name for r in rows]
+    colors = [_color(n) for n in names]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    axes[0].bar(names, [mib(r.saved_bytes) for r in rows], color=colors)
+    axes[0].set_ylabel("MiB saved for backward")
+    axes[1].bar(names, [mib(r.peak_bytes) for r in rows], color=colors)
+    axes[1].set_ylabel("peak live tensor MiB (fwd+bwd)")
+    med = [r.median_s * 1e3 for r in rows]
+    lo = [max(m - _q(r.times_s, 0.25) * 1e3, 0) for m, r in zip(med, rows)]
+    hi = [max(_q(r.times_s, 0.75) * 1e3 - m, 0) for m, r in zip(med, rows)]
+    axes[2].bar(names, med, color=colors, yerr=[lo, hi], capsize=4)
+    axes[2].set_ylabel("median step ms (IQR)")
+    for ax in axes:
+        ax.tick_params(axis="x", rotation=30)
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def _q(xs: Sequence[float], q: float) -> float:
+    s = sorted(xs)
+    if not s:
+        return float("nan")
+    pos = (len(s) - 1) * q
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def plot_sweep(records: List[Dict[str, Any]], path: str, title: str, fixed_size: int, fixed_batch: int) -> str:
+    """2x2 lines: peak MiB and step ms vs batch size (at ``fixed_size``) and vs input size (at
+    ``fixed_batch``), one line per mode."""
+    plt = pyplot()
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    modes = list(dict.fromkeys(r["mode"] for r in records))
+    for col, (key, fixed_key, fixed) in enumerate((("batch_size", "input_size", fixed_size),
+                                                   ("input_size", "batch_size", fixed_batch))):
+        for mode in modes:
+            pts = sorted((r[key], r) for r in records if r["mode"] == mode and r[fixed_key] == fixed)
+            if not pts:
+                continue
+            xs = [p[0] for p in pts]
+            axes[0][col].plot(xs, [mib(p[1]["peak_bytes"]) for p in pts], "o-", color=_color(mode), label=mode)
+            axes[1][col].plot(xs, [p[1]["median_s"] * 1e3 for p in pts], "o-", color=_color(mode), label=mode)
+        axes[0][col].set_title(f"vs {key.replace('_', ' ')} ({fixed_key.replace('_', ' ')} {fixed})", fontsize=9)
+        axes[1][col].set_xlabel(key.replace("_", " "))
+        axes[0][col].set_ylabel("peak live tensor MiB")
+        axes[1][col].set_ylabel("median step ms")
+        for row in axes:
+            row[col].grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def plot_scale_histogram(values: Sequence[float], path: str, title: str) -> str:
+    """Histogram of |gamma| / sqrt(var + eps) on a log axis (paper Fig. 2a)."""
+    import math
+
+    plt = pyplot()
+    vals = [abs(v) for v in values if v != 0 and math.isfinite(v)]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    if vals:
+        lo, hi = math.log10(min(vals)), math.log10(max(vals))
+        if hi - lo < 1e-6:
+            lo, hi = lo - 0.5, hi + 0.5
+        bins = [10 ** (lo + (hi - lo) * i / 60) for i in range(61)]
+        ax.hist(vals, bins=bins, color="#1f77b4")
+        ax.set_xscale("log")
+    ax.axvline(1.0, color="k", lw=0.8, ls="--")
+    ax.set_xlabel("|gamma| / sqrt(running_var + eps)   (Deploy: weight x this, gradient / this)")
+    ax.set_ylabel("channels")
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
+def plot_appendix_m(blocks: List[Dict[str, Any]], path: str, title: str) -> str:
+    """Per block: measured saving vs the two predictions (Appendix M: Y - w'; convbn: Y)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    meas = [mib(b["measured_saving_bytes"]) for b in blocks]
+    ax.scatter([mib(b["predicted_paper_bytes"]) for b in blocks], meas, s=14, label="paper App. M: |Y| - |w'|")
+    ax.scatter([mib(b["predicted_convbn_bytes"]) for b in blocks], meas, s=14, marker="x",
+               label="convbn (w' rebuilt in backward): |Y|")
+    lim = [min(meas + [0]), max(meas + [1e-3]) * 1.05]
+    ax.plot(lim, lim, "k--", lw=0.8)
+    ax.set_xlabel("predicted saving per block (MiB)")
+    ax.set_ylabel("measured saving per block (MiB)")
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
+def plot_transfer(result: Dict[str, Any], path: str, title: str) -> str:
+    """Left: training loss curves (mean over seeds) per mode. Right: test accuracy per mode."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for mode, s in result["modes"].items():
+        curves = s["loss_curves"]
+        if not curves:
+            continue
+        n = min(len(c) for c in curves)
+        mean = [sum(c[i] for c in curves) / len(curves) for i in range(n)]
+        xs = [i * result["config"]["log_every"] for i in range(n)]
+        axes[0].plot(xs, mean, color=_color(mode), label=mode)
+    axes[0].set_yscale("log")
+    axes[0].set_xlabel("iteration")
+    axes[0].set_ylabel("train loss (mean over seeds)")
+    axes[0].legend(fontsize=8)
+    names = list(result["modes"])
+    accs = [result["modes"][m]["acc_mean"] * 100 for m in names]
+    stds = [result["modes"][m]["acc_std"] * 100 for m in names]
+    axes[1].bar(names, accs, yerr=stds, capsize=4, color=[_color(m) for m in names])
+    for i, a in enumerate(accs):
+        axes[1].text(i, a + 1, f"{a:.1f}", ha="center", fontsize=8)
+    axes[1].set_ylabel("test accuracy % (mean +- std over seeds)")
+    axes[1].set_ylim(0, 105)
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def plot_adversarial(rows: List[Dict[str, Any]], path: str, title: str) -> str:
+    """Per model: Tune/Eval ratio of peak memory and of step time (lower is better)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4))
+    names = [r["model"] for r in rows]
+    xs = list(range(len(rows)))
+    w = 0.38
+    ax.bar([x - w / 2 for x in xs], [r["peak_ratio_tune_vs_eval"] for r in rows], w, label="peak memory tune/eval",
+           color="#2ca02c")
+    ax.bar([x + w / 2 for x in xs], [r["time_ratio_tune_vs_eval"]["median"] for r in rows], w,
+           yerr=[[r["time_ratio_tune_vs_eval"]["median"] - r["time_ratio_tune_vs_eval"]["q1"] for r in rows],
+                 [r["time_ratio_tune_vs_eval"]["q3"] - r["time_ratio_tune_vs_eval"]["median"] for r in rows]],
+           capsize=3, label="step time tune/eval (IQR)", color="#1f77b4")
+    ax.axhline(1.0, color="k", lw=0.8, ls="--")
+    ax.set_xticks(xs)
+    ax.set_xticklabels(names, rotation=25, fontsize=8)
+    ax.set_ylabel("tune / eval")
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)
