@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import platform
 import statistics
 import time
@@ -30,25 +29,7 @@ import convbn
 from convbn.bench.memory import saved_tensor_bytes
 from convbn.bench.peak import peak_live_tensor_bytes
 from convbn.bench.timing import interleaved_timings
-
-
-@torch.no_grad()
-def realistic_bn_statistics(model: torch.nn.Module, x: torch.Tensor, seed: int = 0) -> None:
-    """True batch statistics of ``x`` (one cumulative-average pass), then perturbed: var x
-    log-uniform[0.5, 2], mean + 0.3 std, gamma log-uniform[0.3, 3], beta ~ 0.2 N(0, 1)."""
-    g = torch.Generator().manual_seed(seed)
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()(x)
-    for m in bns:
-        m.momentum = 0.1
-        c = m.num_features
-        m.running_mean.add_(0.3 * m.running_var.sqrt() * torch.randn(c, generator=g))
-        m.running_var.mul_(torch.exp(torch.empty(c).uniform_(math.log(0.5), math.log(2.0), generator=g)))
-        m.weight.copy_(torch.exp(torch.empty(c).uniform_(math.log(0.3), math.log(3.0), generator=g)))
-        m.bias.copy_(0.2 * torch.randn(c, generator=g))
+from convbn.experiments.stats import calibrate_bn
 
 
 def main() -> None:
@@ -65,7 +46,7 @@ def main() -> None:
     torch.manual_seed(0)
     base = resnet50(spatial_dims=2, n_input_channels=3, num_classes=10)
     x = torch.randn(args.batch, 3, args.size, args.size)
-    realistic_bn_statistics(base, x[:8])
+    calibrate_bn(base, x[:8])  # realistic BN statistics (true batch statistics, perturbed)
 
     convert_s = []
     for _ in range(5):

@@ -10,6 +10,9 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+# Realistic statistics for deep nets (true batch statistics, then perturbed): the package's own helper.
+from convbn.experiments.stats import calibrate_bn  # noqa: F401
+
 
 def randomize_bn(bn: nn.Module, generator: Optional[torch.Generator] = None) -> nn.Module:
     """Give a BN realistic, non-trivial statistics: gamma/sqrt(var+eps) log-uniform in [0.05, 20],
@@ -40,30 +43,6 @@ def randomize_all_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-@torch.no_grad()
-def calibrate_bn(model: nn.Module, x: torch.Tensor, seed: int = 0) -> nn.Module:
-    """Realistic statistics for a deep net: measure true batch statistics (cumulative average over
-    one forward), then perturb: var x log-uniform[0.5, 2], mean + 0.3 std noise, gamma in +-[0.3, 3].
-    Keeps activations finite through 50+ layers where fully random statistics would overflow."""
-    g = torch.Generator().manual_seed(seed)
-    bns = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
-    training = model.training
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    model(x)
-    for m in bns:
-        m.momentum = 0.1
-        c = m.num_features
-        std = m.running_var.sqrt()
-        m.running_mean.add_(0.3 * std * torch.randn(c, generator=g))
-        m.running_var.mul_(torch.exp(torch.empty(c).uniform_(math.log(0.5), math.log(2.0), generator=g)))
-        if m.affine:
-            m.weight.copy_(torch.exp(torch.empty(c).uniform_(math.log(0.3), math.log(3.0), generator=g)))
-            m.bias.copy_(0.2 * torch.randn(c, generator=g))
-    model.train(training)
-    return model
 
 
 def max_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -100,7 +100,9 @@ def convert(
             a dict of kwargs). Needed when ``torch.fx`` cannot trace the model; also lets convbn prove
             that Linear -> BatchNorm1d inputs are 2-D.
         filter_fn: ``filter_fn(module, qualified_name) -> bool``, called with each block's
-            Conv/Linear (or the BN, for a BN that follows no layer); ``False`` leaves the block alone.
+            Conv/Linear (or the BN, for a BN that follows no layer); ``False`` leaves the block
+            alone: plain PyTorch, so under ``model.train()`` it uses and updates batch statistics
+            (reported as ``skipped: not selected by filter_fn``).
         recompute: with ``mode="train"``: recompute the conv output in backward.
         fission: with ``mode="train"``: BN fission-n-fusion.
 
