@@ -185,3 +185,20 @@ def test_fission_saves_no_more_than_plain_train_and_channels_last_works():
     x = torch.randn(4, 8, 16, 16).to(memory_format=torch.channels_last)
     assert saved_tensor_bytes(lambda: fission(x)) <= saved_tensor_bytes(lambda: plain(x))
     _compare_training(fission, plain, [x])
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=IDS)
+@pytest.mark.parametrize("conv", [
+    lambda: nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect", bias=False),
+    lambda: nn.Conv1d(3, 4, 4, padding="same", padding_mode="circular", bias=False),
+    lambda: nn.Conv2d(3, 4, (4, 3), padding="same", dilation=(1, 2), bias=False),
+    lambda: nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False),
+], ids=["reflect", "same-circular", "same-even-kernel", "depthwise"])
+def test_padding_modes_and_depthwise_in_train_variants(variant, conv):
+    conv = conv()
+    n = conv.weight.dim() - 2
+    bn = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d}[n](4)
+    model = randomize_all_bn(nn.Sequential(conv, bn, nn.ReLU()))
+    ref = copy.deepcopy(model)
+    convbn.convert(model, "train", **variant)
+    _compare_training(model.train(), ref.train(), [torch.randn(3, conv.in_channels, *([7] * n))])
