@@ -7,10 +7,11 @@
 
 from .api import convert, deploy, report, revert
 from .errors import ConvBNError
+from .export import export_onnx
 from .fold import fold_conv_bn_weights
 from .functions.tune import tune_conv_bn
 from .plan import BlockReport, Report
 
-__all__ = ["convert", "revert", "report", "deploy", "ConvBNError", "Report", "BlockReport",
+__all__ = ["convert", "revert", "report", "deploy", "export_onnx", "ConvBNError", "Report", "BlockReport",
            "fold_conv_bn_weights", "tune_conv_bn"]
 __version__ = "0.1.0"

@@ -32,6 +32,12 @@ def _check_model(model: Any, fn: str) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"convbn.{fn} expects a torch.nn.Module, got {type(model).__name__}. "
                         f"Pass the model object itself, e.g. convbn.{fn}(model, ...)")
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        raise ConvBNError(
+            f"convbn.{fn} got a {type(model).__name__} wrapper. Convert the model before wrapping it, or pass "
+            f"the wrapped model itself: convbn.{fn}(wrapper.module, ...)"
+            + (" (DataParallel is not supported: its replicas would share convbn's per-module state; use "
+               "DistributedDataParallel)" if isinstance(model, nn.DataParallel) else ""))
     if isinstance(model, torch.jit.ScriptModule):
         raise TypeError(f"convbn.{fn} cannot change a TorchScript module; convert the eager model before "
                         f"torch.jit.script / torch.jit.trace")
@@ -141,11 +147,12 @@ def convert(
         else:
             raise
     plan = make_plan(analysis, mode, filter_fn, variant)
-    deployed = list(state.deployed) if state is not None else []
-    _apply(model, plan, mode, deployed)
-    rows = deployed + [r for _, r in plan]
+    previously_deployed = list(state.deployed) if state is not None else []
+    newly_deployed: List[BlockReport] = []
+    _apply(model, plan, mode, newly_deployed)
+    rows = previously_deployed + [r for _, r in plan]
     model.__dict__[_STATE] = _State(Report(rows, variant or mode, analysis.method, True, analysis.notes), analysis,
-                                    deployed)
+                                    previously_deployed + newly_deployed)
     return model
 
 
@@ -274,7 +281,8 @@ def deploy(model: nn.Module, *, example_inputs: Any = None,
            filter_fn: Optional[Callable[[nn.Module, str], bool]] = None) -> nn.Module:
     """A deep copy of ``model`` with every foldable BN folded into its conv; ``model`` is untouched.
 
-    For "train in tune, ship deploy". The copy is put in ``eval()``.
+    For "train in tune, ship deploy". The copy is put in ``eval()`` *before* converting (so a trace
+    on ``example_inputs`` runs as inference does, e.g. with a batch of one) and stays in eval.
 
     Example:
         >>> import convbn, torch
@@ -284,4 +292,4 @@ def deploy(model: nn.Module, *, example_inputs: Any = None,
         ('Identity', 'BatchNorm2d')
     """
     _check_model(model, "deploy")
-    return convert(copy.deepcopy(model), "deploy", example_inputs=example_inputs, filter_fn=filter_fn).eval()
+    return convert(copy.deepcopy(model).eval(), "deploy", example_inputs=example_inputs, filter_fn=filter_fn)

@@ -148,7 +148,8 @@ class _LeafTracer(torch.fx.Tracer):
 
 
 def _fx_analysis(model: nn.Module) -> Analysis:
-    graph = _LeafTracer().trace(model)
+    with torch.random.fork_rng(devices=[]):  # a forward that draws random numbers must not move the user's RNG
+        graph = _LeafTracer().trace(model)
     modules = dict(model.named_modules())
     calls: Dict[str, int] = {}
     for node in graph.nodes:
@@ -294,6 +295,10 @@ def _dynamic_analysis(model: nn.Module, example_inputs: Any) -> Analysis:
         else:
             handles.append(m.register_forward_hook(layer_hook))
     saved_buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    # Trace the user's own modules: convbn's installed forwards (an earlier conversion) would pass a
+    # BN's input through and look like extra users of the conv output.
+    installed = {id(m): (m, m.__dict__.pop("forward")) for m in model.modules()
+                 if getattr(m.__dict__.get("forward"), "_convbn_installed", False)}
     try:
         with torch.random.fork_rng(devices=[]), torch.no_grad(), _UseRecorder(tracked, active_bn, other_uses):
             model(*args, **kwargs)
@@ -304,6 +309,8 @@ def _dynamic_analysis(model: nn.Module, example_inputs: Any) -> Analysis:
             f"accepts (a Tensor, a tuple of positional arguments, or a dict of keyword arguments)"
         ) from e
     finally:
+        for m, fwd in installed.values():
+            m.__dict__["forward"] = fwd
         for h in handles:
             h.remove()
         with torch.no_grad():

@@ -13,7 +13,6 @@ if a hook or unseen control flow broke that data flow it raises instead of being
 
 from __future__ import annotations
 
-import weakref
 from typing import Any, List, Optional, Tuple
 
 import torch
@@ -50,10 +49,12 @@ class Block:
         self.stats_cache = None  # train-fission: the model's ICF statistics cache (convbn.icf.StatsCache)
         self.mode = mode
         self.fallback_reason: Optional[str] = None  # set when a call had to run unfused (never silent)
-        self._pending: Optional[weakref.ref] = None
+        # The tensor the previous stage of the block just produced, until the next stage takes it. A
+        # plain reference (not a weakref) so torch.compile traces the identity check too.
+        self._pending: Optional[Tensor] = None
         self._pending_fused = False
 
-    # pickling / deepcopy: the weakref to the last output is transient state
+    # pickling / deepcopy: the last output in flight is transient state, never serialized
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_pending"] = None
@@ -96,17 +97,14 @@ class Block:
         return out
 
     def _mark(self, out: Tensor, fused: bool) -> None:
-        if not _is_compiling():
-            self._pending = weakref.ref(out)
-            self._pending_fused = fused
+        self._pending = out
+        self._pending_fused = fused
 
     # ---------------------------------------------------------------- batch norm
     def _check_pending(self, input: Tensor, who: str, keep: bool) -> bool:
         """Is ``input`` the tensor this block's previous stage just produced? Returns whether that
         stage already computed this one's work (fused)."""
-        if _is_compiling():
-            return True
-        pending = self._pending() if self._pending is not None else None
+        pending = self._pending
         if not keep:
             self._pending = None
         if pending is not input:

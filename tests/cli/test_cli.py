@@ -210,3 +210,13 @@ def test_results_md_renders_tables_from_json(tmp_path):
     text = render(str(tmp_path))
     assert "| tune |" in text and "Paper Table" not in text.split("## Figure 2a")[0].split("## `convbn`")[0]
     assert "## Figure 2a and Appendix M" in text and "small_resnet" in text
+
+
+def test_threads_option_does_not_leak_into_the_calling_process(tmp_path):
+    from convbn.cli.main import main
+
+    before = torch.get_num_threads()
+    target = 1 if before != 1 else 2
+    assert main(["inspect", "small_resnet", "--threads", str(target), "--no-plot", "--quiet",
+                 "--out-dir", str(tmp_path)]) == 0
+    assert torch.get_num_threads() == before

@@ -6,6 +6,8 @@ import argparse
 import sys
 from typing import List, Optional, Sequence
 
+import torch
+
 import convbn
 from convbn.errors import ConvBNError
 from convbn.experiments.common import ExperimentError
@@ -61,6 +63,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(_with_default_command(sys.argv[1:] if argv is None else argv))
+    threads = torch.get_num_threads()  # --threads is for this run only (main() is also called in-process)
     try:
         return int(args.func(args) or 0)
     except (ExperimentError, ConvBNError, ValueError, TypeError, ImportError, FileNotFoundError) as e:
@@ -69,6 +72,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"convbn {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":

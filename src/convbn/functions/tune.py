@@ -217,7 +217,11 @@ def tune_backward(
     g = grad_out.to(compute_dtype)
     grad_w = grad_b = grad_gamma = grad_beta = dot = None
     sum_g = None
-    safe = bool((scale.abs() > 1e-30).all()) if need_gamma else True
+    if need_gamma:
+        # recovering dL/dw' = dL/dw / s needs s != 0; the check syncs, so compiled graphs keep the weight route
+        safe = not torch.compiler.is_compiling() and bool((scale.abs() > 1e-30).all())
+    else:
+        safe = True
     if safe and _activation_route(g.numel(), weight):
         gs = g * _channel_view(scale.to(compute_dtype), g)
         gx, gw, gb = _layer_backward(gs, x_used, weight.to(compute_dtype), spec,
@@ -258,6 +262,9 @@ class TuneConvBNFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, gamma, beta, running_mean, running_var, eps, spec):  # type: ignore[override]
+        if not x.is_floating_point():
+            raise TypeError(f"expected a floating-point input, got {x.dtype}; a conv cannot take integer or bool "
+                            f"tensors (plain PyTorch raises too). Convert it first, e.g. x.float()")
         act = autocast_dtype(x.device.type)
         compute_dtype = act if act is not None and x.is_floating_point() else weight.dtype
         if act is not None:
