@@ -496,3 +496,13 @@ def test_failure_while_deploying_a_copy_leaves_the_original_untouched(monkeypatc
     with pytest.raises(RuntimeError, match="injected"):
         convbn.deploy(model)
     assert_unchanged(model, snap)
+
+
+def test_row26_data_parallel_wrappers_get_a_clear_error_and_are_left_alone():
+    from torch import nn
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    wrapper = nn.DataParallel(model)  # constructible without GPUs; DDP needs a process group (see test_distributed)
+    with pytest.raises(convbn.ConvBNError, match="got a DataParallel wrapper.*DataParallel is not supported"):
+        convbn.convert(wrapper, "tune")
+    assert all("forward" not in m.__dict__ for m in model.modules())

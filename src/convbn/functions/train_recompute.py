@@ -141,9 +141,14 @@ def update_running_stats_(
 
 
 def _normalize(
-    y_stat: Tensor, mean: Tensor, invstd: Tensor, gamma: Optional[Tensor], beta: Optional[Tensor], out_dtype: torch.dtype
+    y_stat: Tensor, mean: Tensor, invstd: Tensor, gamma: Optional[Tensor], beta: Optional[Tensor], out_dtype: torch.dtype,
+    var: Optional[Tensor] = None, eps: float = 0.0,
 ) -> Tensor:
-    """``(y - mean) * (gamma * invstd) + beta``, in place on ``y_stat`` (a stat-dtype tensor we own)."""
+    """``(y - mean) * (gamma * invstd) + beta``. When ``y`` already has the statistics' dtype and
+    ``var`` is given, one fused pass of PyTorch's own inference kernel with the *batch* statistics
+    (``y`` is untouched); otherwise in place on ``y_stat`` (a stat-dtype copy we own)."""
+    if var is not None and y_stat.dtype == mean.dtype and (gamma is None or gamma.dtype == mean.dtype):
+        return torch.nn.functional.batch_norm(y_stat, mean, var, gamma, beta, False, 0.0, eps).to(out_dtype)
     shape = _channel_shape(y_stat)
     scale = invstd if gamma is None else gamma.to(invstd.dtype) * invstd
     z = y_stat.sub_(mean.reshape(shape)).mul_(scale.reshape(shape))
@@ -177,8 +182,8 @@ def recompute_forward(
                          f"output of size {tuple(y.shape)} from input {tuple(x.shape)}. Use a batch size > 1.")
     mean, var = batch_statistics(y)
     invstd = torch.rsqrt(var + eps)
-    y_stat = y.to(mean.dtype)  # float32 copy under autocast; else y itself, normalised in place
-    out = _normalize(y_stat, mean, invstd, gamma, beta, y.dtype)
+    y_stat = y.to(mean.dtype)  # float32 copy under autocast; else y itself
+    out = _normalize(y_stat, mean, invstd, gamma, beta, y.dtype, var, eps)
     if relu:
         out = out.relu_()
     return out, x_used, mean, var, invstd, count
@@ -198,8 +203,10 @@ def recompute_backward(
     relu: bool,
     compute_dtype: torch.dtype,
     needs: Sequence[bool],
+    var: Optional[Tensor] = None,
 ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """Gradients ``(x, weight, bias, gamma, beta)`` of :func:`recompute_forward`; ``needs`` masks them.
+    ``var``: the forward's biased batch variance, so the ReLU mask is recomputed bit for bit.
 
     Recomputes the layer output ``y`` from ``x_used``; never differentiates through the statistics
     by autograd (the training-mode BN backward formula accounts for them).
@@ -211,7 +218,7 @@ def recompute_backward(
     g = grad_out.to(y.dtype)
     if relu:
         # The forward output, recomputed bit for bit; relu's own backward masks with ``out > 0``.
-        z = _normalize(y.to(mean.dtype, copy=True), mean, invstd, gamma, beta, y.dtype)
+        z = _normalize(y.to(mean.dtype, copy=y.dtype != mean.dtype), mean, invstd, gamma, beta, y.dtype, var, eps)
         g = torch.ops.aten.threshold_backward(g, z, 0)
         del z
     gy, grad_gamma, grad_beta = torch.ops.aten.native_batch_norm_backward(
@@ -246,7 +253,7 @@ def _differentiable_block(
 class RecomputeConvBNFunction(torch.autograd.Function):
     """Conv/ConvTranspose/Linear -> BatchNorm (batch statistics) -> optional ReLU, recomputing ``y``.
 
-    Saves ``x`` (cast to the compute dtype), the parameters and the batch ``mean``/``invstd``;
+    Saves ``x`` (cast to the compute dtype), the parameters and the batch ``mean``/``invstd``/``var``;
     never the conv output, the BN output nor a ReLU mask. Updates the running statistics in place.
     """
 
@@ -261,7 +268,7 @@ class RecomputeConvBNFunction(torch.autograd.Function):
                 x, weight, bias, gamma, beta, eps, spec, relu, compute_dtype)
             if running_mean is not None:
                 update_running_stats_(running_mean, running_var, num_batches_tracked, mean, var, count, momentum)
-        ctx.save_for_backward(x_used, weight, bias, gamma, beta, mean, invstd)
+        ctx.save_for_backward(x_used, weight, bias, gamma, beta, mean, invstd, var)
         ctx.eps, ctx.spec, ctx.relu, ctx.compute_dtype = eps, spec, relu, compute_dtype
         ctx.x_was_cast = x_used is not x and x_used.dtype != x.dtype
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype,
@@ -270,14 +277,14 @@ class RecomputeConvBNFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        x_used, weight, bias, gamma, beta, mean, invstd = ctx.saved_tensors
+        x_used, weight, bias, gamma, beta, mean, invstd, var = ctx.saved_tensors
         needs = ctx.needs_input_grad[:5]
         if torch.is_grad_enabled():  # create_graph=True: differentiate a plain re-run of the block
             grads = _double_differentiable_grads(ctx, grad_out, (x_used, weight, bias, gamma, beta), needs)
         else:
             with torch.autocast(grad_out.device.type, enabled=False):
                 grads = recompute_backward(grad_out, x_used, weight, bias, gamma, beta, mean, invstd, ctx.eps,
-                                           ctx.spec, ctx.relu, ctx.compute_dtype, needs)
+                                           ctx.spec, ctx.relu, ctx.compute_dtype, needs, var)
         grads = tuple(None if g is None else g.to(dt) for g, dt in zip(grads, ctx.dtypes))
         return grads + (None,) * 7
 

@@ -190,6 +190,13 @@ def _layer_backward(g: Tensor, x: Tensor, w: Tensor, spec: Optional[ConvSpec], m
         spec.output_padding, spec.groups, [need_x, need_w, need_b])
 
 
+def _scale_in_place(t: Tensor, scale: Tensor, spec: Optional[ConvSpec]) -> Tensor:
+    groups, transposed = (1, False) if spec is None else (spec.groups, spec.transposed)
+    if not transposed:
+        return t.mul_(scale.reshape((-1,) + (1,) * (t.dim() - 1)))
+    return scale_weight_per_out_channel(t, scale, groups=groups, transposed=True)
+
+
 def tune_backward(
     grad_out: Tensor,
     x_used: Tensor,
@@ -215,35 +222,36 @@ def tune_backward(
     fdt = scale.dtype
     groups, transposed = (1, False) if spec is None else (spec.groups, spec.transposed)
     g = grad_out.to(compute_dtype)
-    grad_w = grad_b = grad_gamma = grad_beta = dot = None
-    sum_g = None
-    if need_gamma:
-        # recovering dL/dw' = dL/dw / s needs s != 0; the check syncs, so compiled graphs keep the weight route
-        safe = not torch.compiler.is_compiling() and bool((scale.abs() > 1e-30).all())
+    grad_w = grad_b = grad_gamma = grad_beta = dot = sum_g = None
+    # The activation route recovers dL/dw' = dL/dw / s and sum(g) = dL/db / s, so it needs s != 0
+    # (a zero-initialized gamma breaks it). The check syncs: compiled graphs keep the weight route.
+    if need_gamma or need_beta:
+        nonzero = not torch.compiler.is_compiling() and bool((scale.abs() > 1e-30).all())
     else:
-        safe = True
-    if safe and _activation_route(g.numel(), weight):
+        nonzero = True
+    if nonzero and _activation_route(g.numel(), weight):
         gs = g * _channel_view(scale.to(compute_dtype), g)
         gx, gw, gb = _layer_backward(gs, x_used, weight.to(compute_dtype), spec,
-                                     [need_x, need_w or need_gamma, need_b])
+                                     [need_x, need_w or need_gamma, need_b or need_gamma or need_beta])
         gw = None if gw is None else gw.to(fdt)
-        if need_w:
-            grad_w = gw
-        if need_b:
-            grad_b = gb.to(fdt)
-        if need_gamma or need_beta:
-            sum_g = g.sum([0] + list(range(2, g.dim()))).to(fdt)
+        gb = None if gb is None else gb.to(fdt)
         if need_gamma:
             dot = _per_channel_dot(gw, weight.to(fdt), spec) / scale
+        if need_gamma or need_beta:
+            sum_g = gb / scale
+        grad_w = gw if need_w else None
+        grad_b = gb if need_b else None
     else:
         w = _folded_weight(weight, scale, spec, compute_dtype)
         gx, gwf, gbf = _layer_backward(g, x_used, w, spec, [need_x, need_w or need_gamma, need_b or need_gamma or need_beta])
+        del w
         gwf = None if gwf is None else gwf.to(fdt)
         sum_g = None if gbf is None else gbf.to(fdt)
         if need_gamma:
             dot = _per_channel_dot(gwf, weight.to(fdt), spec)
-        if need_w:
-            grad_w = scale_weight_per_out_channel(gwf, scale, groups=groups, transposed=transposed)
+        if need_w:  # dL/dw = s * dL/dw', in place on the fresh dL/dw' (after the dot above has read it)
+            grad_w = _scale_in_place(gwf, scale, spec) if not torch.is_grad_enabled() else \
+                scale_weight_per_out_channel(gwf, scale, groups=groups, transposed=transposed)
         if need_b:
             grad_b = sum_g * scale
     if need_gamma:
