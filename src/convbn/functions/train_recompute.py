@@ -180,13 +180,31 @@ def recompute_forward(
     if count == 1:  # as F.batch_norm: a variance from one value is meaningless (and /0 when unbiased)
         raise ValueError(f"recompute_conv_bn: expected more than 1 value per channel when training, got a layer "
                          f"output of size {tuple(y.shape)} from input {tuple(x.shape)}. Use a batch size > 1.")
-    mean, var = batch_statistics(y)
-    invstd = torch.rsqrt(var + eps)
-    y_stat = y.to(mean.dtype)  # float32 copy under autocast; else y itself
-    out = _normalize(y_stat, mean, invstd, gamma, beta, y.dtype, var, eps)
+    if _fused_kernel_applies(y, gamma):
+        out, mean, invstd, var = _train_kernel(y, gamma, beta, eps)
+    else:  # mixed dtypes (autocast): float32 statistics, then the affine map
+        mean, var = batch_statistics(y)
+        invstd = torch.rsqrt(var + eps)
+        out = _normalize(y.to(mean.dtype), mean, invstd, gamma, beta, y.dtype, var, eps)
     if relu:
         out = out.relu_()
     return out, x_used, mean, var, invstd, count
+
+
+def _fused_kernel_dtype(dtype: torch.dtype, gamma: Optional[Tensor]) -> bool:
+    return dtype in (torch.float32, torch.float64) and (gamma is None or gamma.dtype == dtype)
+
+
+def _fused_kernel_applies(y: Tensor, gamma: Optional[Tensor]) -> bool:
+    return _fused_kernel_dtype(y.dtype, gamma)
+
+
+def _train_kernel(y: Tensor, gamma: Optional[Tensor], beta: Optional[Tensor], eps: float):
+    """PyTorch's own fused train-mode BN kernel (statistics + normalize in one call, exactly what
+    ``nn.BatchNorm`` computes), without running buffers. Returns ``(out, mean, invstd, biased var)``."""
+    out, mean, invstd = torch.ops.aten.native_batch_norm(y, gamma, beta, None, None, True, 0.0, eps)
+    var = (1.0 / (invstd.double() ** 2) - eps).to(invstd.dtype)  # for the running-variance update
+    return out, mean, invstd, var
 
 
 def recompute_backward(
@@ -216,9 +234,19 @@ def recompute_backward(
     w = weight.to(compute_dtype)
     y = _layer(x_used, w, _cast(bias, compute_dtype), spec)
     g = grad_out.to(y.dtype)
-    if relu:
+    if mean is None:
+        # Nothing but x was saved (like torch.utils.checkpoint): the same kernel on the bit-identical
+        # recomputed y gives back the forward's statistics and output exactly.
+        z, mean, invstd, _ = _train_kernel(y, gamma, beta, eps)
+        if relu:
+            g = torch.ops.aten.threshold_backward(g, z, 0)
+        del z
+    elif relu:
         # The forward output, recomputed bit for bit; relu's own backward masks with ``out > 0``.
-        z = _normalize(y.to(mean.dtype, copy=y.dtype != mean.dtype), mean, invstd, gamma, beta, y.dtype, var, eps)
+        if _fused_kernel_applies(y, gamma):
+            z = _train_kernel(y, gamma, beta, eps)[0]
+        else:
+            z = _normalize(y.to(mean.dtype, copy=True), mean, invstd, gamma, beta, y.dtype, var, eps)
         g = torch.ops.aten.threshold_backward(g, z, 0)
         del z
     gy, grad_gamma, grad_beta = torch.ops.aten.native_batch_norm_backward(
@@ -253,7 +281,7 @@ def _differentiable_block(
 class RecomputeConvBNFunction(torch.autograd.Function):
     """Conv/ConvTranspose/Linear -> BatchNorm (batch statistics) -> optional ReLU, recomputing ``y``.
 
-    Saves ``x`` (cast to the compute dtype), the parameters and the batch ``mean``/``invstd``/``var``;
+    Saves ``x`` (cast to the compute dtype) and the parameters -- plus the batch ``mean``/``invstd``/``var`` only under mixed dtypes (autocast);
     never the conv output, the BN output nor a ReLU mask. Updates the running statistics in place.
     """
 
@@ -268,6 +296,8 @@ class RecomputeConvBNFunction(torch.autograd.Function):
                 x, weight, bias, gamma, beta, eps, spec, relu, compute_dtype)
             if running_mean is not None:
                 update_running_stats_(running_mean, running_var, num_batches_tracked, mean, var, count, momentum)
+        if _fused_kernel_dtype(compute_dtype, gamma):  # the forward used it (y has the compute dtype)
+            mean = invstd = var = None  # backward reruns the fused kernel: save nothing per channel
         ctx.save_for_backward(x_used, weight, bias, gamma, beta, mean, invstd, var)
         ctx.eps, ctx.spec, ctx.relu, ctx.compute_dtype = eps, spec, relu, compute_dtype
         ctx.x_was_cast = x_used is not x and x_used.dtype != x.dtype
