@@ -41,7 +41,7 @@ if "--warm-cache" not in sys.argv:  # cold inductor cache: compile times are wha
 import torch  # noqa: E402
 
 import convbn  # noqa: E402
-from convbn.bench.timing import interleaved_timings  # noqa: E402
+from convbn.bench.timing import add_benchmark_args, interleaved_timings  # noqa: E402
 from convbn.experiments.stats import calibrate_bn  # noqa: E402
 
 BASELINE = "eager_eval"
@@ -89,13 +89,9 @@ def make_step(model, x: torch.Tensor, grad: torch.Tensor, params=None):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--size", type=int, default=112)
-    ap.add_argument("--rounds", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=2)
+    add_benchmark_args(ap, rounds=10, out=str(Path(__file__).parent / "results" / "compile.json"))
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--warm-cache", action="store_true", help="reuse the inductor cache (compile times drop)")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "compile.json"))
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

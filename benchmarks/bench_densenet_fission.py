@@ -24,18 +24,14 @@ from pathlib import Path
 import torch
 
 import convbn
-from convbn.bench.timing import interleaved_timings
+from convbn.bench.timing import add_benchmark_args, interleaved_timings, parameter_step
 from convbn.icf import root_hooks
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--size", type=int, default=112)
-    ap.add_argument("--rounds", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=2)
+    add_benchmark_args(ap, rounds=10, out=str(Path(__file__).parent / "results" / "densenet_fission.json"))
     ap.add_argument("--no-compile", action="store_true", help="skip the two torch.compile variants")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "densenet_fission.json"))
     args = ap.parse_args()
 
     from monai.networks.nets import DenseNet121
@@ -67,11 +63,7 @@ def main() -> None:
     icf = {"swept_channels": cache.swept_channels - swept0, "reused_channels": cache.reused_channels - reused0}
 
     def step(model):
-        def run():
-            for p in model.parameters():
-                p.grad = None
-            model(x).sum().backward()
-        return run
+        return parameter_step(model, x)
 
     compile_s = {}
     if not args.no_compile:

@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 import convbn
 from convbn.bench.memory import saved_tensor_bytes
 from convbn.bench.peak import peak_live_tensor_bytes, retained_bytes
-from convbn.bench.timing import interleaved_timings
+from convbn.bench.timing import add_benchmark_args, interleaved_timings, parameter_step
 
 
 class Checkpointed(nn.Module):
@@ -63,11 +63,7 @@ def checkpoint_conv_bn_blocks(model: nn.Module) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--size", type=int, default=112)
-    ap.add_argument("--rounds", type=int, default=12)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "recompute.json"))
+    add_benchmark_args(ap, rounds=12, out=str(Path(__file__).parent / "results" / "recompute.json"))
     args = ap.parse_args()
 
     from monai.networks.nets import resnet50
@@ -82,11 +78,7 @@ def main() -> None:
     n_params = sum(p.numel() * p.element_size() for p in base.parameters())
 
     def step(model):
-        def run():
-            for p in model.parameters():
-                p.grad = None
-            model(x).sum().backward()
-        return run
+        return parameter_step(model, x)
 
     # numerics: one step from identical states
     outs = {}

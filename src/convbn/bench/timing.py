@@ -205,3 +205,35 @@ def interleaved_timings(variants: Mapping[str, Callable[[], Any]], *, rounds: in
             fn()
             times[name].append(clock() - start)
     return TimingResult(times=times, orders=orders)
+
+
+def parameter_step(model: Any, x: Any) -> Callable[[], None]:
+    """One training-style step to time or measure: ``model(x).sum().backward()`` with every
+    parameter's ``.grad`` cleared first (so gradients never accumulate across repetitions).
+
+    Example:
+        >>> import torch
+        >>> m = torch.nn.Linear(3, 2)
+        >>> step = parameter_step(m, torch.randn(4, 3))
+        >>> step(); step()
+        >>> m.weight.grad.shape
+        torch.Size([2, 3])
+    """
+    params = list(model.parameters())
+
+    def run() -> None:
+        for p in params:
+            p.grad = None
+        model(x).sum().backward()
+
+    return run
+
+
+def add_benchmark_args(parser: Any, *, batch: int = 16, size: int = 112, rounds: int = 12, warmup: int = 2,
+                       out: str = "") -> None:
+    """The options every model-level benchmark script shares: --batch --size --rounds --warmup --out."""
+    parser.add_argument("--batch", type=int, default=batch, help=f"batch size (default {batch})")
+    parser.add_argument("--size", type=int, default=size, help=f"input height and width (default {size})")
+    parser.add_argument("--rounds", type=int, default=rounds, help=f"interleaved timing rounds (default {rounds})")
+    parser.add_argument("--warmup", type=int, default=warmup, help=f"warm-up runs per variant (default {warmup})")
+    parser.add_argument("--out", default=out, help=f"JSON output (default {out})")
