@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import convbn
-from conftest import assert_close_rel, calibrate_bn, max_rel_err, randomize_all_bn
+from conftest import assert_close_rel, calibrate_bn, randomize_all_bn
 
 HAS_TRAIN_VARIANTS = "recompute" in inspect.signature(convbn.convert).parameters
 needs_train_variants = pytest.mark.skipif(

@@ -10,7 +10,7 @@ import torch
 from convbn.experiments.common import write_json
 from convbn.experiments.transfer import TransferConfig, run_transfer, transfer_table
 
-from ._options import (HelpFormatter, add_run_options, int_list, out_path, say, settings_line, setup_threads,
+from ._options import (HelpFormatter, add_run_options, out_path, say, settings_line, setup_threads,
                        str_list)
 
 DESCRIPTION = """\

@@ -21,7 +21,7 @@ from torch import nn
 import convbn
 from convbn.bench.memory import saved_tensor_bytes
 
-from .common import Progress, input_shape, make_input, mib, resolve_model
+from .common import Progress, input_shape, make_input, resolve_model
 from .compare import format_table
 from .stats import bn_scales, calibrate_if_untouched
 

@@ -25,7 +25,7 @@ import copy
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -34,7 +34,7 @@ from torch import nn
 
 from convbn.bench.peak import LiveTensorMeter
 
-from .common import ExperimentError, ModeVariant, Progress, convert_variant, mode_variants, resolve_model
+from .common import ExperimentError, Progress, convert_variant, mode_variants, resolve_model
 from .compare import format_table
 from .stats import bn_scales
 
