@@ -1,6 +1,7 @@
 """bn_relu_train must equal nn.BatchNorm{1,2,3}d (train) + ReLU: outputs, gradients, running stats.
 
-Every comparison runs on both implementations: the C++ kernel ("extension") and the pure-torch
+Every comparison runs on all three implementations: the C++ kernel's fused eager entry points
+("extension"), its per-sweep custom ops as torch.compile calls them ("sweeps"), and the pure-torch
 fallback ("torch").
 """
 
@@ -16,13 +17,13 @@ import torch
 from convbn.functions import bn_fission
 from convbn.functions.bn_fission import BNReLUTrainFunction, bn_relu_train, use_extension
 
-BACKENDS = ["extension", "torch"]
+BACKENDS = ["extension", "sweeps", "torch"]
 HAS_CXX = shutil.which(os.environ.get("CXX", "c++")) is not None
 
 
 @pytest.fixture(params=BACKENDS)
 def backend(request):
-    if request.param == "extension" and not HAS_CXX:
+    if request.param != "torch" and not HAS_CXX:
         pytest.skip("no C++ compiler: only the pure-torch path can run here")
     with use_extension(request.param):
         yield request.param
@@ -215,18 +216,45 @@ def test_gradcheck_no_affine(backend):
 
 
 @pytest.mark.parametrize("relu", [True, False], ids=["relu", "bn"])
-def test_saves_only_input_output_and_vectors(backend, relu):
-    """No mask, no xhat: the full-size saved tensors are x and (with ReLU) the returned output."""
+def test_saves_only_input_and_vectors(backend, relu):
+    """No mask, no xhat, no output: the one full-size saved tensor is x (the ReLU mask is recomputed
+    from x in backward), the rest are per-channel vectors."""
     saved = []
     x = _input((2, 8, 6, 6), "contiguous").requires_grad_()
     bn = _make_bn(x.shape)
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        z = _run_fission(bn, x, relu)
+        _run_fission(bn, x, relu)
     big = [t for t in saved if t.numel() == x.numel()]
     assert all(t.dtype != torch.bool for t in saved)
     assert all(t.numel() in (x.numel(), x.shape[1]) for t in saved)
-    assert len(big) == (2 if relu else 1)
-    assert {t.data_ptr() for t in big} == ({x.data_ptr(), z.data_ptr()} if relu else {x.data_ptr()})
+    assert [t.data_ptr() for t in big] == [x.data_ptr()]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", [(4, 16, 7, 7), (3, 5, 3, 3), (64, 24)], ids=["7x7", "3x3", "2d"])
+def test_recomputed_relu_mask_is_the_forwards(backend, layout, shape):
+    """The backward recomputes the ReLU mask from x. It must be exactly the forward output's ``z > 0``:
+    BN+ReLU's gradients equal, bit for bit, plain BN's gradients for the incoming gradient masked by
+    the returned output (same kernels and summation order). beta = 0 and repeated values put many
+    entries near or at the kink."""
+    torch.manual_seed(11)
+    x = _input(shape, layout)
+    flat = x.movedim(1, -1)
+    with torch.no_grad():  # a quarter of the entries repeat one value per channel
+        flat[..., :] = torch.where(torch.rand(flat.shape) < 0.25, flat.reshape(-1, shape[1])[0], flat)
+    x.requires_grad_()
+    w = torch.empty(shape[1]).uniform_(0.05, 1.5).requires_grad_()
+    b = torch.zeros(shape[1], requires_grad=True)
+    dy = torch.randn(shape).contiguous(memory_format=torch.channels_last if layout == "channels_last" and
+                                        len(shape) == 4 else torch.contiguous_format)
+    z = BNReLUTrainFunction.apply(x, w, b, 1e-5, True)[0]
+    got = torch.autograd.grad(z, (x, w, b), dy)
+    y = BNReLUTrainFunction.apply(x, w, b, 1e-5, False)[0]
+    assert torch.equal(z, y.clamp_min(0)), "relu output differs from the BN output clamped at 0"
+    want = torch.autograd.grad(y, (x, w, b), dy * (z > 0))
+    assert 0 < int((z == 0).sum()) < z.numel()
+    for a, e in zip(got, want):
+        assert torch.equal(a, e), float((a - e).abs().max())
 
 
 def test_bfloat16_via_torch_path(backend):
@@ -313,9 +341,10 @@ def test_custom_ops_pass_opcheck(backend, layout):
     cases = [
         (bn_fission._stats_op, (x,)),
         (bn_fission._normalize_op, (x, mean, v, mean, True)),
-        (bn_fission._grad_sums_op, (g, x, x.relu(), mean)),
-        (bn_fission._grad_sums_op, (g, x, None, mean)),
-        (bn_fission._grad_input_op, (g, x, x.relu(), mean, v, v, mean)),
+        (bn_fission._grad_sums_op, (g, x, mean, v, mean, True)),
+        (bn_fission._grad_sums_op, (g, x, mean, v, mean, False)),
+        (bn_fission._grad_input_op, (g, x, mean, v, mean, True, v, v, mean)),
+        (bn_fission._grad_input_op, (g, x, mean, v, mean, False, v, v, mean)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)

@@ -65,8 +65,48 @@ _CPP_SOURCE = r"""
 #include <algorithm>
 
 namespace {
-const int64_t BLK = 2048;   // elements per float partial sum (NCL) before flushing to double
 const int64_t RBLK = 128;   // rows per float partial sum (NLC)
+const int64_t SEG = 256;         // NCL: segment length of the elementwise float accumulators (reduce2_ncl)
+const int64_t LANE_TERMS = 128;  // NCL: segments added into the float accumulators before a flush
+
+// Per-channel float64 sums (S, SX) of two per-element terms over an (N, C, L) tensor: fa(c, j) and
+// fb(c, j) of flat element j of channel c (returned by value: addressable temporaries would turn into
+// per-lane memory arrays inside `omp simd`). Each channel's rows are cut into segments of at most
+// SEG elements that are added elementwise into SEG-long float rows u, v -- no horizontal reduction
+// per row (7x7 and 3x3 maps have rows of 49 and 9) and no `omp simd reduction` -- which are flushed
+// to double after LANE_TERMS segments, so no float partial sum has more than LANE_TERMS terms.
+template <typename T, typename FA, typename FB>
+void reduce2_ncl(int64_t N, int64_t C, int64_t L, int nt, FA fa_shared, FB fb_shared, double* S, double* SX) {
+#pragma omp parallel num_threads(nt)
+  {
+    // Thread-local copies: the outlined region would otherwise reload the closures' pointers through
+    // shared memory on every element.
+    const FA fa = fa_shared;
+    const FB fb = fb_shared;
+    const int64_t W = std::min(L, SEG);
+    T u[SEG], v[SEG];
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < C; ++c) {
+      double s2 = 0, sx2 = 0;
+      int64_t terms = 0;
+      std::fill(u, u + W, (T)0); std::fill(v, v + W, (T)0);
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t o = (n * C + c) * L;
+        for (int64_t b0 = 0; b0 < L; b0 += W) {
+          const int64_t len = std::min(W, L - b0), j0 = o + b0;
+#pragma omp simd
+          for (int64_t i = 0; i < len; ++i) { u[i] += fa(c, j0 + i); v[i] += fb(c, j0 + i); }
+          if (++terms == LANE_TERMS) {
+            for (int64_t i = 0; i < W; ++i) { s2 += u[i]; sx2 += v[i]; u[i] = 0; v[i] = 0; }
+            terms = 0;
+          }
+        }
+      }
+      for (int64_t i = 0; i < W; ++i) { s2 += u[i]; sx2 += v[i]; }
+      S[c] = s2; SX[c] = sx2;
+    }
+  }
+}
 
 template <typename T> void shift_of(const T* x, int64_t N, int64_t C, int64_t L, int nlc, T* K) {
   // K[c] = mean of the channel's first <= 16 elements; x - K is then O(std) in magnitude.
@@ -85,22 +125,9 @@ void stats(const T* x, int64_t N, int64_t C, int64_t L, int nlc, int nt, double*
   shift_of(x, N, C, L, nlc, K.data());
   std::vector<double> S(C, 0.0), SS(C, 0.0);
   if (!nlc) {
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t c = 0; c < C; ++c) {
-      const T k = K[c];
-      double s2 = 0, ss2 = 0;
-      for (int64_t n = 0; n < N; ++n) {
-        const T* p = x + (n * C + c) * L;
-        for (int64_t b0 = 0; b0 < L; b0 += BLK) {
-          const int64_t b1 = std::min(L, b0 + BLK);
-          T s = 0, ss = 0;
-#pragma omp simd reduction(+ : s, ss)
-          for (int64_t i = b0; i < b1; ++i) { T d = p[i] - k; s += d; ss += d * d; }
-          s2 += s; ss2 += ss;
-        }
-      }
-      S[c] = s2; SS[c] = ss2;
-    }
+    const T* Kp = K.data();
+    reduce2_ncl<T>(N, C, L, nt, [=](int64_t c, int64_t j) { return x[j] - Kp[c]; },
+                   [=](int64_t c, int64_t j) { const T d = x[j] - Kp[c]; return d * d; }, S.data(), SS.data());
   } else {
 #pragma omp parallel num_threads(nt)
     {
@@ -138,12 +165,27 @@ template <typename T> void cast(const double* v, int64_t C, T* out) {
   for (int64_t c = 0; c < C; ++c) out[c] = (T)v[c];
 }
 
+// The normalized value before the ReLU. Forward and backward (which recomputes the ReLU mask from x
+// instead of storing or re-reading the output) call this one function; -ffp-contract=off keeps any
+// FMA from making the two disagree, so the recomputed mask is the forward's bit for bit.
+template <typename T> inline T bn_value(T x, T h, T l, T s, T t) { return ((x - h) - l) * s + t; }
+// The ReLU backward: g where the forward value was > 0 (NaN: 0, as relu's backward). Taking g by
+// value makes its load unconditional, so the select vectorizes as a blend, not a masked load.
+template <typename T> inline T relu_grad(T g, T v) { return v > 0 ? g : (T)0; }
+
+// Per-channel constants in the kernel dtype: the float64 mean split into hi + lo, and scale/shift.
+template <typename T> struct Coeffs {
+  std::vector<T> h, l, s, t;
+  Coeffs(const double* mean, const double* scale, const double* shift, int64_t C) : h(C), l(C), s(C), t(C) {
+    split(mean, C, h.data(), l.data()); cast(scale, C, s.data()); cast(shift, C, t.data());
+  }
+};
+
 template <typename T>
 void normalize(const T* x, T* y, int64_t N, int64_t C, int64_t L, int nlc, int nt,
                const double* mean, const double* scale, const double* shift, int relu) {
-  std::vector<T> hi(C), lo(C), a(C), b(C);
-  split(mean, C, hi.data(), lo.data()); cast(scale, C, a.data()); cast(shift, C, b.data());
-  const T *H = hi.data(), *Lo = lo.data(), *A = a.data(), *B = b.data();
+  const Coeffs<T> k(mean, scale, shift, C);
+  const T *H = k.h.data(), *Lo = k.l.data(), *A = k.s.data(), *B = k.t.data();
   if (!nlc) {
 #pragma omp parallel for collapse(2) num_threads(nt) schedule(static)
     for (int64_t n = 0; n < N; ++n)
@@ -152,10 +194,10 @@ void normalize(const T* x, T* y, int64_t N, int64_t C, int64_t L, int nlc, int n
         const T h = H[c], l = Lo[c], s = A[c], t = B[c];
         if (relu) {
 #pragma omp simd
-          for (int64_t i = 0; i < L; ++i) { T v = ((p[i] - h) - l) * s + t; q[i] = v < 0 ? (T)0 : v; }
+          for (int64_t i = 0; i < L; ++i) { T v = bn_value(p[i], h, l, s, t); q[i] = v < 0 ? (T)0 : v; }
         } else {
 #pragma omp simd
-          for (int64_t i = 0; i < L; ++i) q[i] = ((p[i] - h) - l) * s + t;
+          for (int64_t i = 0; i < L; ++i) q[i] = bn_value(p[i], h, l, s, t);
         }
       }
   } else {
@@ -164,46 +206,35 @@ void normalize(const T* x, T* y, int64_t N, int64_t C, int64_t L, int nlc, int n
       const T* p = x + r * C; T* q = y + r * C;
       if (relu) {
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) { T v = ((p[c] - H[c]) - Lo[c]) * A[c] + B[c]; q[c] = v < 0 ? (T)0 : v; }
+        for (int64_t c = 0; c < C; ++c) { T v = bn_value(p[c], H[c], Lo[c], A[c], B[c]); q[c] = v < 0 ? (T)0 : v; }
       } else {
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) q[c] = ((p[c] - H[c]) - Lo[c]) * A[c] + B[c];
+        for (int64_t c = 0; c < C; ++c) q[c] = bn_value(p[c], H[c], Lo[c], A[c], B[c]);
       }
     }
   }
 }
 
-// g = z > 0 ? dy : 0 (z == nullptr: g = dy). Outputs sum(g) and sum(g * (x - mean)) per channel.
+// g = dy masked by the ReLU (mask recomputed from x; relu == 0: g = dy).
+// Outputs sum(g) and sum(g * (x - mean)) per channel.
 template <typename T>
-void grad_sums(const T* dy, const T* x, const T* z, int64_t N, int64_t C, int64_t L, int nlc, int nt,
-               const double* mean, double* sum_g, double* sum_gx) {
+void grad_sums(const T* dy, const T* x, int64_t N, int64_t C, int64_t L, int nlc, int nt,
+               const double* mean, const double* scale, const double* shift, int relu,
+               double* sum_g, double* sum_gx) {
   const int64_t M = N * L;
-  std::vector<T> hi(C), lo(C);
-  split(mean, C, hi.data(), lo.data());
-  const T *H = hi.data(), *Lo = lo.data();
+  const Coeffs<T> k(mean, scale, shift, C);
+  const T *H = k.h.data(), *Lo = k.l.data(), *A = k.s.data(), *B = k.t.data();
   std::vector<double> S(C, 0.0), SX(C, 0.0);
   if (!nlc) {
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t c = 0; c < C; ++c) {
-      const T h = H[c], l = Lo[c];
-      double s2 = 0, sx2 = 0;
-      for (int64_t n = 0; n < N; ++n) {
-        const int64_t o = (n * C + c) * L;
-        const T *g = dy + o, *p = x + o, *q = z ? z + o : nullptr;
-        for (int64_t b0 = 0; b0 < L; b0 += BLK) {
-          const int64_t b1 = std::min(L, b0 + BLK);
-          T s = 0, sx = 0;
-          if (q) {
-#pragma omp simd reduction(+ : s, sx)
-            for (int64_t i = b0; i < b1; ++i) { T gi = q[i] > 0 ? g[i] : (T)0; s += gi; sx += gi * ((p[i] - h) - l); }
-          } else {
-#pragma omp simd reduction(+ : s, sx)
-            for (int64_t i = b0; i < b1; ++i) { s += g[i]; sx += g[i] * ((p[i] - h) - l); }
-          }
-          s2 += s; sx2 += sx;
-        }
-      }
-      S[c] = s2; SX[c] = sx2;
+    if (relu) {
+      reduce2_ncl<T>(N, C, L, nt,
+                     [=](int64_t c, int64_t j) { return relu_grad(dy[j], bn_value(x[j], H[c], Lo[c], A[c], B[c])); },
+                     [=](int64_t c, int64_t j) {
+                       return relu_grad(dy[j], bn_value(x[j], H[c], Lo[c], A[c], B[c])) * ((x[j] - H[c]) - Lo[c]); },
+                     S.data(), SX.data());
+    } else {
+      reduce2_ncl<T>(N, C, L, nt, [=](int64_t, int64_t j) { return dy[j]; },
+                     [=](int64_t c, int64_t j) { return dy[j] * ((x[j] - H[c]) - Lo[c]); }, S.data(), SX.data());
     }
   } else {
 #pragma omp parallel num_threads(nt)
@@ -217,10 +248,13 @@ void grad_sums(const T* dy, const T* x, const T* z, int64_t N, int64_t C, int64_
         std::fill(s.begin(), s.end(), (T)0); std::fill(sx.begin(), sx.end(), (T)0);
         T* sp = s.data(); T* sxp = sx.data();
         for (int64_t r = b0; r < b1; ++r) {
-          const T *g = dy + r * C, *p = x + r * C, *q = z ? z + r * C : nullptr;
-          if (q) {
+          const T *g = dy + r * C, *p = x + r * C;
+          if (relu) {
 #pragma omp simd
-            for (int64_t c = 0; c < C; ++c) { T gi = q[c] > 0 ? g[c] : (T)0; sp[c] += gi; sxp[c] += gi * ((p[c] - H[c]) - Lo[c]); }
+            for (int64_t c = 0; c < C; ++c) {
+              const T gi = relu_grad(g[c], bn_value(p[c], H[c], Lo[c], A[c], B[c]));
+              sp[c] += gi; sxp[c] += gi * ((p[c] - H[c]) - Lo[c]);
+            }
           } else {
 #pragma omp simd
             for (int64_t c = 0; c < C; ++c) { sp[c] += g[c]; sxp[c] += g[c] * ((p[c] - H[c]) - Lo[c]); }
@@ -235,23 +269,27 @@ void grad_sums(const T* dy, const T* x, const T* z, int64_t N, int64_t C, int64_
   for (int64_t c = 0; c < C; ++c) { sum_g[c] = S[c]; sum_gx[c] = SX[c]; }
 }
 
-// dx = a * g + b * (x - mean) + e
+// dx = a * g + b * (x - mean) + e, g as in grad_sums.
 template <typename T>
-void grad_input(const T* dy, const T* x, const T* z, T* dx, int64_t N, int64_t C, int64_t L, int nlc, int nt,
-                const double* mean, const double* ca, const double* cb, const double* ce) {
-  std::vector<T> hi(C), lo(C), a(C), b(C), e(C);
-  split(mean, C, hi.data(), lo.data()); cast(ca, C, a.data()); cast(cb, C, b.data()); cast(ce, C, e.data());
-  const T *H = hi.data(), *Lo = lo.data(), *A = a.data(), *B = b.data(), *E = e.data();
+void grad_input(const T* dy, const T* x, T* dx, int64_t N, int64_t C, int64_t L, int nlc, int nt,
+                const double* mean, const double* scale, const double* shift, int relu,
+                const double* ca, const double* cb, const double* ce) {
+  const Coeffs<T> k(mean, scale, shift, C);
+  const T *H = k.h.data(), *Lo = k.l.data(), *A = k.s.data(), *B = k.t.data();
+  std::vector<T> a(C), b(C), e(C);
+  cast(ca, C, a.data()); cast(cb, C, b.data()); cast(ce, C, e.data());
+  const T *CA = a.data(), *CB = b.data(), *CE = e.data();
   if (!nlc) {
 #pragma omp parallel for collapse(2) num_threads(nt) schedule(static)
     for (int64_t n = 0; n < N; ++n)
       for (int64_t c = 0; c < C; ++c) {
         const int64_t o = (n * C + c) * L;
-        const T *g = dy + o, *p = x + o, *q = z ? z + o : nullptr; T* d = dx + o;
-        const T h = H[c], l = Lo[c], sa = A[c], sb = B[c], se = E[c];
-        if (q) {
+        const T *g = dy + o, *p = x + o; T* d = dx + o;
+        const T h = H[c], l = Lo[c], s = A[c], t = B[c], sa = CA[c], sb = CB[c], se = CE[c];
+        if (relu) {
 #pragma omp simd
-          for (int64_t i = 0; i < L; ++i) { T gi = q[i] > 0 ? g[i] : (T)0; d[i] = sa * gi + sb * ((p[i] - h) - l) + se; }
+          for (int64_t i = 0; i < L; ++i) {
+            d[i] = sa * relu_grad(g[i], bn_value(p[i], h, l, s, t)) + sb * ((p[i] - h) - l) + se; }
         } else {
 #pragma omp simd
           for (int64_t i = 0; i < L; ++i) d[i] = sa * g[i] + sb * ((p[i] - h) - l) + se;
@@ -260,16 +298,71 @@ void grad_input(const T* dy, const T* x, const T* z, T* dx, int64_t N, int64_t C
   } else {
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t r = 0; r < N * L; ++r) {
-      const T *g = dy + r * C, *p = x + r * C, *q = z ? z + r * C : nullptr; T* d = dx + r * C;
-      if (q) {
+      const T *g = dy + r * C, *p = x + r * C; T* d = dx + r * C;
+      if (relu) {
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) { T gi = q[c] > 0 ? g[c] : (T)0; d[c] = A[c] * gi + B[c] * ((p[c] - H[c]) - Lo[c]) + E[c]; }
+        for (int64_t c = 0; c < C; ++c) {
+          d[c] = CA[c] * relu_grad(g[c], bn_value(p[c], H[c], Lo[c], A[c], B[c])) + CB[c] * ((p[c] - H[c]) - Lo[c]) + CE[c]; }
       } else {
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) d[c] = A[c] * g[c] + B[c] * ((p[c] - H[c]) - Lo[c]) + E[c];
+        for (int64_t c = 0; c < C; ++c) d[c] = CA[c] * g[c] + CB[c] * ((p[c] - H[c]) - Lo[c]) + CE[c];
       }
     }
   }
+}
+
+// ---- Fused eager entry points: the per-channel arithmetic (invstd, scale, running-statistics update,
+// gradient coefficients, dgamma/dbeta) done here in float64 instead of ~40 small torch ops per layer.
+// Per-channel parameters/buffers are float32 (f64 == 0) or float64 (f64 == 1); null when absent.
+inline double load(const void* p, int f64, int64_t c, double dflt) {
+  if (!p) return dflt;
+  return f64 ? ((const double*)p)[c] : (double)((const float*)p)[c];
+}
+inline void store(void* p, int f64, int64_t c, double v) {
+  if (f64) ((double*)p)[c] = v; else ((float*)p)[c] = (float)v;
+}
+
+// have_stats: mean/var are inputs (ICF), else outputs. Writes invstd; updates the running buffers
+// (if given) as torch does: r = (1 - factor) * r + factor * batch, the variance unbiased by m / (m - 1).
+template <typename T>
+void fused_forward(const T* x, T* y, int64_t N, int64_t C, int64_t L, int nlc, int nt,
+                   double* mean, double* var, int have_stats, const void* w, const void* b, int pf64,
+                   double eps, int relu, double* invstd, void* rmean, void* rvar, int bf64, double factor) {
+  if (!have_stats) stats<T>(x, N, C, L, nlc, nt, mean, var);
+  std::vector<double> scale(C), shift(C);
+  const double m = (double)(N * L), unbias = m > 1 ? m / (m - 1) : 1.0;
+  for (int64_t c = 0; c < C; ++c) {
+    invstd[c] = 1.0 / sqrt(var[c] + eps);
+    scale[c] = load(w, pf64, c, 1.0) * invstd[c];
+    shift[c] = load(b, pf64, c, 0.0);
+    if (rmean) store(rmean, bf64, c, (1 - factor) * load(rmean, bf64, c, 0) + factor * mean[c]);
+    if (rvar) store(rvar, bf64, c, (1 - factor) * load(rvar, bf64, c, 0) + factor * var[c] * unbias);
+  }
+  normalize<T>(x, y, N, C, L, nlc, nt, mean, scale.data(), shift.data(), relu);
+}
+
+// dx (if non-null), dgamma and dbeta (if non-null, in the parameter dtype) of fused_forward.
+template <typename T>
+void fused_backward(const T* dy, const T* x, T* dx, int64_t N, int64_t C, int64_t L, int nlc, int nt,
+                    const double* mean, const double* invstd, const void* w, const void* b, int pf64, int relu,
+                    void* dw, void* db) {
+  std::vector<double> scale(C), shift(C), sg(C), sgx(C), ca(C), cb(C), ce(C);
+  for (int64_t c = 0; c < C; ++c) {
+    scale[c] = load(w, pf64, c, 1.0) * invstd[c];
+    shift[c] = load(b, pf64, c, 0.0);
+  }
+  grad_sums<T>(dy, x, N, C, L, nlc, nt, mean, scale.data(), shift.data(), relu, sg.data(), sgx.data());
+  const double m = (double)(N * L);
+  for (int64_t c = 0; c < C; ++c) {
+    const double dgamma = sgx[c] * invstd[c];
+    if (dw) store(dw, pf64, c, dgamma);
+    if (db) store(db, pf64, c, sg[c]);
+    ca[c] = scale[c];
+    cb[c] = -scale[c] * invstd[c] * dgamma / m;
+    ce[c] = -scale[c] * sg[c] / m;
+  }
+  if (dx) grad_input<T>(dy, x, dx, N, C, L, nlc, nt, mean, scale.data(), shift.data(), relu,
+                        ca.data(), cb.data(), ce.data());
 }
 }  // namespace
 
@@ -279,23 +372,36 @@ void grad_input(const T* dy, const T* x, const T* z, T* dx, int64_t N, int64_t C
   extern "C" void normalize_##SFX(const T* x, T* y, int64_t N, int64_t C, int64_t L, int nlc, int nt,  \
                                   const double* m, const double* a, const double* b, int relu) {       \
     normalize<T>(x, y, N, C, L, nlc, nt, m, a, b, relu); }                                            \
-  extern "C" void grad_sums_##SFX(const T* dy, const T* x, const T* z, int64_t N, int64_t C, int64_t L, \
-                                  int nlc, int nt, const double* m, double* sg, double* sgx) {         \
-    grad_sums<T>(dy, x, z, N, C, L, nlc, nt, m, sg, sgx); }                                           \
-  extern "C" void grad_input_##SFX(const T* dy, const T* x, const T* z, T* dx, int64_t N, int64_t C,   \
-                                   int64_t L, int nlc, int nt, const double* m, const double* a,       \
-                                   const double* b, const double* e) {                                \
-    grad_input<T>(dy, x, z, dx, N, C, L, nlc, nt, m, a, b, e); }
+  extern "C" void grad_sums_##SFX(const T* dy, const T* x, int64_t N, int64_t C, int64_t L, int nlc,   \
+                                  int nt, const double* m, const double* s, const double* t, int relu, \
+                                  double* sg, double* sgx) {                                           \
+    grad_sums<T>(dy, x, N, C, L, nlc, nt, m, s, t, relu, sg, sgx); }                                  \
+  extern "C" void grad_input_##SFX(const T* dy, const T* x, T* dx, int64_t N, int64_t C, int64_t L,    \
+                                   int nlc, int nt, const double* m, const double* s, const double* t, \
+                                   int relu, const double* a, const double* b, const double* e) {      \
+    grad_input<T>(dy, x, dx, N, C, L, nlc, nt, m, s, t, relu, a, b, e); }                             \
+  extern "C" void fused_forward_##SFX(const T* x, T* y, int64_t N, int64_t C, int64_t L, int nlc,      \
+                                      int nt, double* m, double* v, int have_stats, const void* w,     \
+                                      const void* b, int pf64, double eps, int relu, double* invstd,   \
+                                      void* rm, void* rv, int bf64, double factor) {                   \
+    fused_forward<T>(x, y, N, C, L, nlc, nt, m, v, have_stats, w, b, pf64, eps, relu, invstd, rm, rv,  \
+                     bf64, factor); }                                                                  \
+  extern "C" void fused_backward_##SFX(const T* dy, const T* x, T* dx, int64_t N, int64_t C, int64_t L,\
+                                       int nlc, int nt, const double* m, const double* invstd,         \
+                                       const void* w, const void* b, int pf64, int relu, void* dw,     \
+                                       void* db) {                                                     \
+    fused_backward<T>(dy, x, dx, N, C, L, nlc, nt, m, invstd, w, b, pf64, relu, dw, db); }
 CONVBN_EXPORT(float, f32)
 CONVBN_EXPORT(double, f64)
 """
 
-_CXXFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC", "-std=c++17"]
+_CXXFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-shared", "-fPIC", "-std=c++17"]
 
 _lib_lock = threading.Lock()
 _lib: Optional[ctypes.CDLL] = None
 _lib_tried = False
-_mode = "auto"  # "auto": extension if it builds; "torch": pure-torch path; "extension": require it
+_mode = "auto"  # "auto": extension if it builds; "torch": pure-torch path; "extension": require it;
+# "sweeps": require it but run the per-sweep custom ops in eager too (as torch.compile does) -- for tests
 
 
 def _cache_dir() -> str:
@@ -338,8 +444,11 @@ def _build_extension() -> ctypes.CDLL:
     for sfx in ("f32", "f64"):
         getattr(lib, f"stats_{sfx}").argtypes = [p, *dims, p, p]
         getattr(lib, f"normalize_{sfx}").argtypes = [p, p, *dims, p, p, p, i32]
-        getattr(lib, f"grad_sums_{sfx}").argtypes = [p, p, p, *dims, p, p, p]
-        getattr(lib, f"grad_input_{sfx}").argtypes = [p, p, p, p, *dims, p, p, p, p]
+        getattr(lib, f"grad_sums_{sfx}").argtypes = [p, p, *dims, p, p, p, i32, p, p]
+        getattr(lib, f"grad_input_{sfx}").argtypes = [p, p, p, *dims, p, p, p, i32, p, p, p]
+        getattr(lib, f"fused_forward_{sfx}").argtypes = [p, p, *dims, p, p, i32, p, p, i32, ctypes.c_double, i32,
+                                                         p, p, p, i32, ctypes.c_double]
+        getattr(lib, f"fused_backward_{sfx}").argtypes = [p, p, p, *dims, p, p, p, p, i32, i32, p, p]
     return lib
 
 
@@ -358,7 +467,7 @@ def _get_lib() -> Optional[ctypes.CDLL]:
                                   f"set CXX to fix this.", RuntimeWarning, stacklevel=3)
                     _lib = None
                 _lib_tried = True
-    if _lib is None and _mode == "extension":
+    if _lib is None and _mode in ("extension", "sweeps"):
         raise RuntimeError("convbn: the bn_fission C++ kernel is required (use_extension('extension')) "
                            "but could not be built; see the earlier warning.")
     return _lib
@@ -379,11 +488,14 @@ def extension_available() -> bool:
 
 @contextlib.contextmanager
 def use_extension(mode: str) -> Iterator[None]:
-    """Temporarily choose the implementation: ``"auto"``, ``"torch"`` (pure torch) or ``"extension"``.
+    """Temporarily choose the implementation: ``"auto"``, ``"torch"`` (pure torch), ``"extension"``
+    or ``"sweeps"``.
 
     Args:
         mode: ``"auto"`` uses the C++ kernel when it builds; ``"torch"`` always uses the pure-torch
-            path; ``"extension"`` raises ``RuntimeError`` if the kernel is unavailable.
+            path; ``"extension"`` raises ``RuntimeError`` if the kernel is unavailable; ``"sweeps"``
+            is ``"extension"`` without the fused eager entry points (each sweep a separate custom op
+            call, the path torch.compile takes), for testing that path eagerly.
 
     Example:
         >>> with use_extension("torch"):
@@ -392,8 +504,8 @@ def use_extension(mode: str) -> Iterator[None]:
         True
     """
     global _mode
-    if mode not in ("auto", "torch", "extension"):
-        raise ValueError(f"use_extension: mode must be 'auto', 'torch' or 'extension', got {mode!r}")
+    if mode not in ("auto", "torch", "extension", "sweeps"):
+        raise ValueError(f"use_extension: mode must be 'auto', 'torch', 'extension' or 'sweeps', got {mode!r}")
     old, _mode = _mode, mode
     try:
         yield
@@ -489,12 +601,18 @@ def _(x: Tensor) -> Tuple[Tensor, Tensor]:
     return x.new_empty(c, dtype=torch.float64), x.new_empty(c, dtype=torch.float64)
 
 
+def _affine(x: Tensor, mean: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """``(x - mean) * scale + shift`` in the compute dtype (pure torch; the backward recomputes the
+    ReLU mask with these very ops, so it matches the forward's bit for bit)."""
+    dt = _compute_dtype(x)
+    return _centered(x, mean).mul_(_per_channel(scale.to(dt), x)).add_(_per_channel(shift.to(dt), x))
+
+
 def _normalize_impl(x: Tensor, mean: Tensor, scale: Tensor, shift: Tensor, relu: bool) -> Tensor:
     """``max((x - mean) * scale + shift, 0)`` (no max without ``relu``); one sweep, one output."""
     args = _kernel_args(x)
     if args is None:
-        dt = _compute_dtype(x)
-        y = _centered(x, mean).mul_(_per_channel(scale.to(dt), x)).add_(_per_channel(shift.to(dt), x))
+        y = _affine(x, mean, scale, shift)
         if relu:
             y = y.relu_()
         return y.to(x.dtype)
@@ -513,26 +631,29 @@ def _(x: Tensor, mean: Tensor, scale: Tensor, shift: Tensor, relu: bool) -> Tens
     return torch.empty_like(x)
 
 
-def _masked(grad: Tensor, out: Optional[Tensor]) -> Tensor:
-    dt = _compute_dtype(grad)
-    g = grad.to(dt)
-    return g if out is None else torch.where(out > 0, g, torch.zeros((), dtype=dt))
+def _masked(grad: Tensor, x: Tensor, mean: Tensor, scale: Tensor, shift: Tensor, relu: bool) -> Tensor:
+    """``grad`` where the forward's pre-ReLU value was > 0 (recomputed from ``x``), else 0."""
+    g = grad.to(_compute_dtype(grad))
+    return torch.where(_affine(x, mean, scale, shift) > 0, g, torch.zeros((), dtype=g.dtype)) if relu else g
 
 
-def _grad_sums_impl(grad: Tensor, x: Tensor, out: Optional[Tensor], mean: Tensor) -> Tuple[Tensor, Tensor]:
-    """``(sum(g), sum(g * (x - mean)))`` per channel in float64, ``g = grad * (out > 0)``; one sweep."""
+def _grad_sums_impl(grad: Tensor, x: Tensor, mean: Tensor, scale: Tensor, shift: Tensor,
+                    relu: bool) -> Tuple[Tensor, Tensor]:
+    """``(sum(g), sum(g * (x - mean)))`` per channel in float64, ``g`` = ``grad`` masked by the ReLU
+    (mask recomputed from ``x``: the output is never read back); one sweep over ``grad`` and ``x``."""
     grad = _like(grad, x)
     args = _kernel_args(x)
     if args is None:
-        g = _masked(grad, out)
+        g = _masked(grad, x, mean, scale, shift, relu)
         dims = _reduce_dims(x)
         return (g.sum(dims, dtype=torch.float64),
                 (g * _centered(x, mean)).sum(dims, dtype=torch.float64))
     lib, sfx, n, c, length, nlc = args
     sum_g = torch.empty(c, dtype=torch.float64)
     sum_gx = torch.empty(c, dtype=torch.float64)
-    getattr(lib, f"grad_sums_{sfx}")(grad.data_ptr(), x.data_ptr(), _ptr(out), n, c, length, nlc,
-                                     _threads(x), mean.data_ptr(), sum_g.data_ptr(), sum_gx.data_ptr())
+    getattr(lib, f"grad_sums_{sfx}")(grad.data_ptr(), x.data_ptr(), n, c, length, nlc, _threads(x), mean.data_ptr(),
+                                     scale.data_ptr(), shift.data_ptr(), int(relu), sum_g.data_ptr(),
+                                     sum_gx.data_ptr())
     return sum_g, sum_gx
 
 
@@ -540,27 +661,27 @@ _grad_sums_op = torch.library.custom_op("convbn::bn_fission_grad_sums", _grad_su
 
 
 @_grad_sums_op.register_fake
-def _(grad: Tensor, x: Tensor, out: Optional[Tensor], mean: Tensor) -> Tuple[Tensor, Tensor]:
+def _(grad: Tensor, x: Tensor, mean: Tensor, scale: Tensor, shift: Tensor, relu: bool) -> Tuple[Tensor, Tensor]:
     c = x.shape[1]
     return x.new_empty(c, dtype=torch.float64), x.new_empty(c, dtype=torch.float64)
 
 
-def _grad_input_impl(grad: Tensor, x: Tensor, out: Optional[Tensor], mean: Tensor,
-                   a: Tensor, b: Tensor, e: Tensor) -> Tensor:
-    """``dx = a * g + b * (x - mean) + e`` with per-channel ``a, b, e``; one sweep."""
+def _grad_input_impl(grad: Tensor, x: Tensor, mean: Tensor, scale: Tensor, shift: Tensor, relu: bool,
+                     a: Tensor, b: Tensor, e: Tensor) -> Tensor:
+    """``dx = a * g + b * (x - mean) + e`` with per-channel ``a, b, e``, ``g`` as in the sums; one sweep."""
     grad = _like(grad, x)
     args = _kernel_args(x)
     if args is None:
         dt = _compute_dtype(x)
-        g = _masked(grad, out)
+        g = _masked(grad, x, mean, scale, shift, relu)
         dx = _centered(x, mean).mul_(_per_channel(b.to(dt), x))
         dx.add_(g * _per_channel(a.to(dt), x)).add_(_per_channel(e.to(dt), x))
         return dx.to(x.dtype)
     lib, sfx, n, c, length, nlc = args
     dx = torch.empty_like(x)
-    getattr(lib, f"grad_input_{sfx}")(grad.data_ptr(), x.data_ptr(), _ptr(out), dx.data_ptr(), n, c, length, nlc,
-                                      _threads(x), mean.data_ptr(), a.data_ptr(), b.data_ptr(),
-                                      e.data_ptr())
+    getattr(lib, f"grad_input_{sfx}")(grad.data_ptr(), x.data_ptr(), dx.data_ptr(), n, c, length, nlc, _threads(x),
+                                      mean.data_ptr(), scale.data_ptr(), shift.data_ptr(), int(relu),
+                                      a.data_ptr(), b.data_ptr(), e.data_ptr())
     return dx
 
 
@@ -568,7 +689,8 @@ _grad_input_op = torch.library.custom_op("convbn::bn_fission_grad_input", _grad_
 
 
 @_grad_input_op.register_fake
-def _(grad: Tensor, x: Tensor, out: Optional[Tensor], mean: Tensor, a: Tensor, b: Tensor, e: Tensor) -> Tensor:
+def _(grad: Tensor, x: Tensor, mean: Tensor, scale: Tensor, shift: Tensor, relu: bool,
+      a: Tensor, b: Tensor, e: Tensor) -> Tensor:
     return torch.empty_like(x)
 
 
@@ -597,6 +719,13 @@ def channel_statistics(x: Tensor) -> Tuple[Tensor, Tensor]:
 # --------------------------------------------------------------------------------------------
 # Pure forward / backward, the autograd Function and the functional wrapper.
 # --------------------------------------------------------------------------------------------
+def _scale_shift(weight: Optional[Tensor], bias: Optional[Tensor], invstd: Tensor) -> Tuple[Tensor, Tensor]:
+    """float64 per-channel ``(gamma * invstd, beta)`` of the normalize sweep (and its recomputed ReLU mask)."""
+    scale = invstd if weight is None else weight.to(torch.float64) * invstd
+    shift = torch.zeros_like(invstd) if bias is None else bias.to(torch.float64)
+    return scale, shift
+
+
 def bn_relu_train_forward(
     x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, relu: bool,
     stats: Optional[Tuple[Tensor, Tensor]] = None,
@@ -610,33 +739,33 @@ def bn_relu_train_forward(
     mean, var = _sweep(_stats_op, _stats_impl, x) if stats is None else (
         stats[0].to(torch.float64), stats[1].to(torch.float64))
     invstd = torch.rsqrt(var + eps)
-    scale = invstd if weight is None else weight.to(torch.float64) * invstd
-    shift = torch.zeros_like(mean) if bias is None else bias.to(torch.float64)
+    scale, shift = _scale_shift(weight, bias, invstd)
     out = _sweep(_normalize_op, _normalize_impl, x, mean, scale, shift, relu)
     return out, mean, invstd, var
 
 
 def bn_relu_train_backward(
-    grad_out: Tensor, x: Tensor, out: Optional[Tensor], weight: Optional[Tensor], mean: Tensor, invstd: Tensor,
-    needs: Sequence[bool],
+    grad_out: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, invstd: Tensor,
+    relu: bool, needs: Sequence[bool],
 ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """Gradients ``(x, weight, bias)``: one reduction sweep, then (if needed) one elementwise sweep.
 
-    ``out`` is the saved forward output when the ReLU is fused (its ``> 0`` is the mask), else ``None``.
+    With ``relu`` the ReLU mask is recomputed from ``x`` exactly as the forward computed the output,
+    so neither the output nor a bool mask is kept or read back.
     """
     need_x, need_w, need_b = needs
     # The kernels read grad and x with one set of strides. Under torch.compile the conversion happens
     # inside the ops: a traced copy would be fixed to the tangent layout guessed at trace time.
     g = grad_out if torch.compiler.is_compiling() else _like(grad_out, x)
-    sum_g, sum_gx = _sweep(_grad_sums_op, _grad_sums_impl, g, x, out, mean)
+    scale, shift = _scale_shift(weight, bias, invstd)
+    sum_g, sum_gx = _sweep(_grad_sums_op, _grad_sums_impl, g, x, mean, scale, shift, relu)
     sum_gxhat = sum_gx * invstd  # dgamma; sum_g is dbeta
     grad_x = grad_w = grad_b = None
     if need_x:
         m = x.numel() // x.shape[1]
-        a = invstd if weight is None else weight.to(torch.float64) * invstd
-        b = -a * invstd * sum_gxhat / m
-        e = -a * sum_g / m
-        grad_x = _sweep(_grad_input_op, _grad_input_impl, g, x, out, mean, a, b, e)
+        b = -scale * invstd * sum_gxhat / m
+        e = -scale * sum_g / m
+        grad_x = _sweep(_grad_input_op, _grad_input_impl, g, x, mean, scale, shift, relu, scale, b, e)
     if need_w:
         grad_w = sum_gxhat
     if need_b:
@@ -644,28 +773,86 @@ def bn_relu_train_backward(
     return grad_x, grad_w, grad_b
 
 
+_FLOATS = (torch.float32, torch.float64)
+
+
+def _fused_path(x: Tensor, params: Sequence[Optional[Tensor]], buffers: Sequence[Optional[Tensor]]):
+    """``(lib, sfx, N, C, L, nlc, params_f64, buffers_f64)`` when the fused eager kernels apply, else None.
+
+    They do in eager mode for float32/float64 ``x`` whose per-channel parameters (and, separately,
+    buffers) are contiguous CPU float32/float64 tensors of one dtype; everything else (torch.compile,
+    tensor subclasses, other dtypes) takes the per-sweep custom ops.
+    """
+    if _mode == "sweeps" or torch.compiler.is_compiling() or type(x) is not Tensor:
+        return None
+    args = _kernel_args(x)
+    if args is None:
+        return None
+    flags = []
+    for group in (params, buffers):
+        ts = [t for t in group if t is not None]
+        if any(type(t) not in (Tensor, torch.nn.Parameter) or t.device.type != "cpu" or t.dtype not in _FLOATS
+               or not t.is_contiguous() or t.dtype != ts[0].dtype for t in ts):
+            return None
+        flags.append(int(bool(ts) and ts[0].dtype == torch.float64))
+    return (*args, *flags)
+
+
 class BNReLUTrainFunction(torch.autograd.Function):
     """Train-mode BatchNorm (+ReLU) by Fission; returns ``(out, mean, var)`` (float64 biased var).
 
-    Saves ``x``, the output (only with ``relu=True``) and float64 per-channel vectors.
-    Differentiable once (the backward is opaque kernels).
+    Saves ``x`` and float64 per-channel vectors (plus the affine parameters, alive anyway) -- not the
+    output: the ReLU backward recomputes its mask from ``x``. ``running``: ``(running_mean,
+    running_var, factor)`` to update in place inside the fused eager kernel (the caller guarantees
+    :func:`_fused_path` applies), or ``None`` (the caller updates them). Differentiable once.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, relu, stats=None):  # type: ignore[override]
-        out, mean, invstd, var = bn_relu_train_forward(x, weight, bias, eps, relu, stats)
-        ctx.save_for_backward(x, out if relu else None, weight, mean, invstd)
+    def forward(ctx, x, weight, bias, eps, relu, stats=None, running=None):  # type: ignore[override]
+        rm, rv, factor = running if running is not None else (None, None, 0.0)
+        fused = _fused_path(x, (weight, bias), (rm, rv))
+        if fused is not None:
+            lib, sfx, n, c, length, nlc, pf64, bf64 = fused
+            if stats is not None:
+                mean, var = (s.to(torch.float64).contiguous() for s in stats)
+            else:
+                mean, var = x.new_empty(c, dtype=torch.float64), x.new_empty(c, dtype=torch.float64)
+            invstd = x.new_empty(c, dtype=torch.float64)
+            out = torch.empty_like(x)
+            getattr(lib, f"fused_forward_{sfx}")(
+                x.data_ptr(), out.data_ptr(), n, c, length, nlc, _threads(x), mean.data_ptr(), var.data_ptr(),
+                int(stats is not None), _ptr(weight), _ptr(bias), pf64, float(eps), int(relu), invstd.data_ptr(),
+                _ptr(rm), _ptr(rv), bf64, float(factor))
+        else:
+            if running is not None:
+                raise RuntimeError("BNReLUTrainFunction: running statistics are updated in the kernel only "
+                                   "on the fused eager path")
+            out, mean, invstd, var = bn_relu_train_forward(x, weight, bias, eps, relu, stats)
+        ctx.save_for_backward(x, weight, bias, mean, invstd)
+        ctx.relu, ctx.fused = relu, fused
         ctx.dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
         ctx.mark_non_differentiable(mean, var)
         return out, mean, var
 
     @staticmethod
     def backward(ctx, grad_out, _grad_mean, _grad_var):  # type: ignore[override]
-        x, out, weight, mean, invstd = ctx.saved_tensors
-        gx, gw, gb = bn_relu_train_backward(grad_out, x, out, weight, mean, invstd, ctx.needs_input_grad[:3])
+        x, weight, bias, mean, invstd = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if ctx.fused is not None and not torch.compiler.is_compiling():
+            lib, sfx, n, c, length, nlc, pf64, _ = ctx.fused
+            g = _like(grad_out, x)
+            gx = torch.empty_like(x) if need_x else None
+            gw = torch.empty_like(weight) if need_w else None
+            gb = torch.empty_like(bias) if need_b else None
+            getattr(lib, f"fused_backward_{sfx}")(
+                g.data_ptr(), x.data_ptr(), _ptr(gx), n, c, length, nlc, _threads(x), mean.data_ptr(),
+                invstd.data_ptr(), _ptr(weight), _ptr(bias), pf64, int(ctx.relu), _ptr(gw), _ptr(gb))
+            return gx, gw, gb, None, None, None, None
+        gx, gw, gb = bn_relu_train_backward(grad_out, x, weight, bias, mean, invstd, ctx.relu,
+                                            (need_x, need_w, need_b))
         gw = None if gw is None else gw.to(ctx.dtypes[0])
         gb = None if gb is None else gb.to(ctx.dtypes[1])
-        return gx, gw, gb, None, None, None
+        return gx, gw, gb, None, None, None, None
 
 
 def _update_running(buf: Tensor, batch: Tensor, factor: Union[float, Tensor]) -> None:
@@ -734,14 +921,18 @@ def bn_relu_train(
         x = x.contiguous()
 
     factor: Union[float, Tensor] = 0.0 if momentum is None else float(momentum)
+    fused = _fused_path(x, (weight, bias), (running_mean, running_var)) is not None
     if num_batches_tracked is not None:
         num_batches_tracked.add_(1)
         if momentum is None:
-            # stays a tensor (no .item(), no graph break); float64 like torch's 1.0 / float(n)
-            factor = num_batches_tracked.to(torch.float64).reciprocal()
+            # compiled: stays a tensor (no .item(), no graph break); float64 like torch's 1.0 / float(n)
+            factor = 1.0 / float(num_batches_tracked) if fused else \
+                num_batches_tracked.to(torch.float64).reciprocal()
 
-    out, mean, var = BNReLUTrainFunction.apply(x, weight, bias, float(eps), bool(relu), stats)
-    if running_mean is not None or running_var is not None:
+    tracked = running_mean is not None or running_var is not None
+    running = (running_mean, running_var, factor) if fused and tracked else None
+    out, mean, var = BNReLUTrainFunction.apply(x, weight, bias, float(eps), bool(relu), stats, running)
+    if tracked and running is None:
         with torch.no_grad():
             if running_mean is not None:
                 _update_running(running_mean, mean, factor)
