@@ -5,6 +5,11 @@ Variants, all PyTorch train-mode semantics, forward+backward w.r.t. parameters:
   fission           convbn.convert(model, "train", fission=True)  (C++ sweeps + ICF statistics reuse)
   compiled          torch.compile(stock model), default mode
   fission+compiled  torch.compile(fission model)
+  no_bn_floor       every BatchNorm replaced by Identity (not a valid model: the floor that any BN
+                    restructuring can approach, since convolutions, pooling and concatenation stay)
+
+Each variant runs in its own process (convbn.bench.timing.isolated_interleaved_timings): variants in
+one process share its allocator, and the page faults one variant causes land on another.
 
 Reports compile times (first call), median step time over interleaved rounds and the median of
 per-round ratios vs eager, numerics vs eager (issue 4 target: <= 1e-4 relative), and ICF's sweep
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import time
 from pathlib import Path
@@ -24,8 +30,41 @@ from pathlib import Path
 import torch
 
 import convbn
-from convbn.bench.timing import add_benchmark_args, interleaved_timings, parameter_step
+from convbn.bench.timing import add_benchmark_args, isolated_interleaved_timings, parameter_step
 from convbn.icf import root_hooks
+
+
+def _model(batch: int, size: int):
+    from monai.networks.nets import DenseNet121
+
+    torch.manual_seed(0)
+    model = DenseNet121(spatial_dims=2, in_channels=3, out_channels=10).train()
+    return model, torch.randn(batch, 3, size, size)
+
+
+def _no_bn(model: torch.nn.Module) -> torch.nn.Module:
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.modules.batchnorm._BatchNorm):
+                setattr(module, name, torch.nn.Identity())
+    return model
+
+
+def build_step(variant: str, batch: int, size: int, compile_log: str = ""):
+    """Runs in the variant's worker process: build the model, compile if asked (appending the
+    compile + first-step seconds to ``compile_log`` as a JSON line), return the step."""
+    model, x = _model(batch, size)
+    if variant.startswith("fission"):
+        model = convbn.convert(model, "train", fission=True)
+    elif variant == "no_bn_floor":
+        model = _no_bn(model)
+    if variant.endswith("compiled"):
+        model = torch.compile(model)
+        t0 = time.perf_counter()
+        parameter_step(model, x)()
+        with open(compile_log, "a") as f:
+            f.write(json.dumps({variant: time.perf_counter() - t0}) + "\n")
+    return parameter_step(model, x)
 
 
 def main() -> None:
@@ -34,11 +73,7 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true", help="skip the two torch.compile variants")
     args = ap.parse_args()
 
-    from monai.networks.nets import DenseNet121
-
-    torch.manual_seed(0)
-    base = DenseNet121(spatial_dims=2, in_channels=3, out_channels=10).train()
-    x = torch.randn(args.batch, 3, args.size, args.size)
+    base, x = _model(args.batch, args.size)
     models = {"eager": copy.deepcopy(base), "fission": convbn.convert(copy.deepcopy(base), "train", fission=True)}
 
     # numerics: one step from identical states, vs eager
@@ -62,23 +97,22 @@ def main() -> None:
         models["fission"](x)
     icf = {"swept_channels": cache.swept_channels - swept0, "reused_channels": cache.reused_channels - reused0}
 
-    def step(model):
-        return parameter_step(model, x)
-
+    variants = ["eager", "fission"] + ([] if args.no_compile else ["compiled", "fission+compiled"]) + ["no_bn_floor"]
+    compile_log = Path(args.out).with_suffix(".compile.jsonl")
+    compile_log.unlink(missing_ok=True)
+    timing = isolated_interleaved_timings(
+        {v: functools.partial(build_step, v, args.batch, args.size, str(compile_log)) for v in variants},
+        rounds=args.rounds, warmup=args.warmup)
     compile_s = {}
-    if not args.no_compile:
-        for name, src in (("compiled", "eager"), ("fission+compiled", "fission")):
-            compiled = torch.compile(copy.deepcopy(models[src]))
-            t0 = time.perf_counter()
-            step(compiled)()
-            compile_s[name] = time.perf_counter() - t0
-            models[name] = compiled
-
-    timing = interleaved_timings({k: step(m) for k, m in models.items()}, rounds=args.rounds, warmup=args.warmup)
-    ratios = {k: timing.ratio(k, "eager") for k in models if k != "eager"}
+    if compile_log.exists():
+        for line in compile_log.read_text().splitlines():
+            compile_s.update(json.loads(line))
+        compile_log.unlink()
+    ratios = {k: timing.ratio(k, "eager") for k in variants if k != "eager"}
     result = {
         "setup": {"model": "monai DenseNet121 (2-D), train mode", "batch": args.batch, "size": args.size,
                   "rounds": args.rounds, "warmup": args.warmup, "torch": torch.__version__,
+                  "timing": "one process per variant, rounds interleaved",
                   "threads": torch.get_num_threads(),
                   "fission_blocks": len(convbn.report(models["fission"]).converted),
                   "fused_relus": sum("fused" in r.reason for r in convbn.report(models["fission"]).converted)},
@@ -97,7 +131,7 @@ def main() -> None:
     print(f"MONAI DenseNet121 train, batch {args.batch}, {args.size}x{args.size}, {args.rounds} interleaved rounds, "
           f"{torch.get_num_threads()} threads; {result['setup']['fission_blocks']} fission BNs "
           f"({result['setup']['fused_relus']} with fused ReLU)")
-    for k in models:
+    for k in variants:
         r = "" if k == "eager" else f"  {ratios[k]} vs eager"
         c = f"  (compile {compile_s[k]:.1f} s)" if k in compile_s else ""
         print(f"  {k:17}{timing.median(k):8.3f} s{r}{c}")

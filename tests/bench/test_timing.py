@@ -109,3 +109,52 @@ def test_errors_name_the_problem_and_fix() -> None:
         TimingResult({"a": [1.0]}).median("b")
     with pytest.raises(ValueError, match="took no time"):
         TimingResult({"a": [1.0], "b": [0.0]}).ratio("a", "b")
+
+
+# ---------------------------------------------------------------- process-isolated timings
+def _sleeper(seconds: float):  # factory: runs in the worker, returns the work to time
+    import time as _time
+
+    return lambda: _time.sleep(seconds)
+
+
+def _pid_recorder(path: str):
+    import os as _os
+
+    def step():
+        with open(path, "a") as f:
+            f.write(f"{_os.getpid()}\n")
+    return step
+
+
+def _broken_factory():
+    raise ValueError("cannot build this variant")
+
+
+def test_isolated_timings_interleave_separate_processes(tmp_path):
+    import functools
+    import os
+
+    from convbn.bench.timing import isolated_interleaved_timings
+
+    paths = {k: str(tmp_path / f"{k}.txt") for k in ("a", "b")}
+    res = isolated_interleaved_timings({"short": functools.partial(_sleeper, 0.005),
+                                        "long": functools.partial(_sleeper, 0.03),
+                                        "a": functools.partial(_pid_recorder, paths["a"]),
+                                        "b": functools.partial(_pid_recorder, paths["b"])},
+                                       rounds=4, warmup=1, threads=1)
+    assert all(len(v) == 4 for v in res.times.values())
+    assert res.orders[1] == ("long", "a", "b", "short")  # rotated
+    assert res.ratio("long", "short").median > 2.5
+    pids = {k: set(open(p).read().split()) for k, p in paths.items()}
+    assert len(pids["a"]) == len(pids["b"]) == 1 and pids["a"] != pids["b"]  # one process per variant...
+    assert str(os.getpid()) not in pids["a"] | pids["b"]  # ...and none is the parent
+
+
+def test_isolated_timings_report_a_failing_variant():
+    from convbn.bench.timing import isolated_interleaved_timings
+
+    with pytest.raises(RuntimeError, match="'bad' failed in its worker process: ValueError: cannot build"):
+        isolated_interleaved_timings({"bad": _broken_factory}, rounds=1, warmup=0, threads=1)
+    with pytest.raises(ValueError, match="rounds"):
+        isolated_interleaved_timings({"x": _broken_factory}, rounds=0)
