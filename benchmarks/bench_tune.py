@@ -3,7 +3,8 @@
 Measures, for a forward+backward w.r.t. the parameters (transfer-learning fine-tuning, BN frozen):
   1. bytes saved for backward (deterministic; each storage once), with and without parameters;
   2. peak live tensor bytes during forward+backward;
-  3. step time: warm-up, then variants interleaved per round, median of per-round ratios;
+  3. step time: warm-up, then variants interleaved per round, median of per-round ratios (each
+     variant in its own process: variants sharing a process share its allocator's page faults);
   4. convbn.convert() wall time.
 
 Targets (issue 2): saved Tune/Eval <= 0.55 and Tune/Deploy <= 1.005; time Tune/Eval <= 0.85 and
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import platform
 import statistics
@@ -28,8 +30,30 @@ import torch
 import convbn
 from convbn.bench.memory import saved_tensor_bytes
 from convbn.bench.peak import peak_live_tensor_bytes
-from convbn.bench.timing import add_benchmark_args, interleaved_timings, parameter_step
+from convbn.bench.timing import add_benchmark_args, isolated_interleaved_timings, parameter_step
 from convbn.experiments.stats import calibrate_bn
+
+
+def _base(batch: int, size: int):
+    from monai.networks.nets import resnet50
+
+    torch.manual_seed(0)
+    base = resnet50(spatial_dims=2, n_input_channels=3, num_classes=10)
+    x = torch.randn(batch, 3, size, size)
+    calibrate_bn(base, x[:8])  # realistic BN statistics (true batch statistics, perturbed)
+    return base, x
+
+
+def _variant(base: torch.nn.Module, mode: str) -> torch.nn.Module:
+    if mode == "deploy":
+        return convbn.deploy(base).train()
+    return convbn.convert(copy.deepcopy(base), mode).train()
+
+
+def build_step(mode: str, batch: int, size: int):
+    """Runs in the variant's worker process."""
+    base, x = _base(batch, size)
+    return parameter_step(_variant(base, mode), x)
 
 
 def main() -> None:
@@ -37,12 +61,7 @@ def main() -> None:
     add_benchmark_args(ap, rounds=12, out=str(Path(__file__).parent / "results" / "tune.json"))
     args = ap.parse_args()
 
-    from monai.networks.nets import resnet50
-
-    torch.manual_seed(0)
-    base = resnet50(spatial_dims=2, n_input_channels=3, num_classes=10)
-    x = torch.randn(args.batch, 3, args.size, args.size)
-    calibrate_bn(base, x[:8])  # realistic BN statistics (true batch statistics, perturbed)
+    base, x = _base(args.batch, args.size)
 
     convert_s = []
     for _ in range(5):
@@ -50,11 +69,7 @@ def main() -> None:
         t0 = time.perf_counter()
         convbn.convert(m, "tune")
         convert_s.append(time.perf_counter() - t0)
-    models = {
-        "eval": convbn.convert(copy.deepcopy(base), "eval").train(),
-        "tune": convbn.convert(copy.deepcopy(base), "tune").train(),
-        "deploy": convbn.deploy(base).train(),
-    }
+    models = {mode: _variant(base, mode) for mode in ("eval", "tune", "deploy")}
     n_params = sum(p.numel() * p.element_size() for p in base.parameters())
 
     def step(model):
@@ -65,7 +80,8 @@ def main() -> None:
         errors = {k: float((m(x) - ref).abs().max() / ref.abs().max()) for k, m in models.items()}
     saved = {k: saved_tensor_bytes(lambda m=m: m(x)) for k, m in models.items()}
     peak = {k: peak_live_tensor_bytes(step(m))[1] for k, m in models.items()}
-    timing = interleaved_timings({k: step(m) for k, m in models.items()}, rounds=args.rounds, warmup=args.warmup)
+    timing = isolated_interleaved_timings({k: functools.partial(build_step, k, args.batch, args.size) for k in models},
+                                          rounds=args.rounds, warmup=args.warmup)
 
     r_te, r_td = timing.ratio("tune", "eval"), timing.ratio("tune", "deploy")
     result = {

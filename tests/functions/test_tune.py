@@ -155,3 +155,42 @@ def test_auto_route_picks_the_smaller_side():
     assert _output_numel(small_act, big_weight, spec) == 16 * 512 * 4 * 4
     assert _activation_route(_output_numel(small_act, big_weight, spec), big_weight)
     assert not _activation_route(_output_numel(big_act, big_weight, spec), big_weight)
+
+
+@pytest.mark.parametrize("freeze_weight", [False, True], ids=["trainable", "frozen-weight"])
+def test_auto_mixes_routes_when_activation_is_between_one_and_two_weights(freeze_weight, monkeypatch):
+    """With W < A < 2W, auto folds the weight in forward (A > W) but scales the gradient in backward
+    when dL/dw is needed (refold + rescale cost 4W > 2A); a frozen conv weight keeps the weight route
+    (refold 2W < 2A). Either way, float64 outputs and every gradient equal Eval's."""
+    import convbn.functions.tune as tune_mod
+    from convbn.functions.tune import _activation_route, _output_numel
+
+    decisions = []
+    monkeypatch.setattr(tune_mod, "_activation_route",
+                        lambda *a, **k: decisions.append(_activation_route(*a, **k)) or decisions[-1])
+
+    torch.manual_seed(3)
+    layer = torch.nn.Conv2d(64, 64, 3, padding=1).double()  # W = 36,864
+    bn = torch.nn.BatchNorm2d(64).double().eval()
+    with torch.no_grad():
+        bn.running_mean.normal_(0, 0.5)
+        bn.running_var.copy_(torch.logspace(-2, 2, 64, dtype=torch.float64)[torch.randperm(64)])
+        bn.weight.uniform_(0.2, 2.0)
+        bn.bias.normal_(0, 0.3)
+    x = torch.randn(1, 64, 32, 24, dtype=torch.float64, requires_grad=True)  # A = 49,152
+    a, w = _output_numel(x, layer.weight, ConvSpec((1, 1), (1, 1), (1, 1), False, (0, 0), 1)), layer.weight.numel()
+    assert w < a < 2 * w
+    assert _activation_route(a, layer.weight, weight_passes=2) and not _activation_route(a, layer.weight)
+    layer.weight.requires_grad_(not freeze_weight)
+    ref_layer, ref_bn = copy.deepcopy(layer), copy.deepcopy(bn)
+    expected = ref_bn(ref_layer(x))
+    out = _tune_call(layer, bn, x)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(expected)
+    params = [p for p in _params(layer, bn) if p.requires_grad]
+    ref_params = [p for p in _params(ref_layer, ref_bn) if p.requires_grad]
+    got = torch.autograd.grad(out, [x] + params, g)
+    want = torch.autograd.grad(expected, [x] + ref_params, g)
+    for p, q in zip(got, want):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-10)
+    assert decisions == [False, not freeze_weight]  # forward folds; backward scales g iff dL/dw is needed

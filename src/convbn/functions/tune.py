@@ -76,7 +76,11 @@ def _folded_weight(weight: Tensor, scale: Tensor, spec: Optional[ConvSpec], dtyp
 #   "weight"     -- fold s into the weight (w' = w * s) and convolve once: weight-sized passes;
 #   "activation" -- convolve with w, then scale the output (forward) / the incoming gradient
 #                   (backward): activation-sized passes.
-# Both save the same tensors. "auto" picks per call whichever touches fewer elements: late layers of
+# Both save the same tensors, so forward and backward choose independently. "auto" picks whichever
+# moves fewer elements (A: activation numel, W: weight numel). Forward: fold w' (read W, write W) vs
+# scale the output (2A). Backward: refold w' (2W) + in-place s * dL/dw' (2W, when dL/dw is needed) vs
+# scale the gradient (2A); the dgamma dot (2W) is common -- so the activation route wins when A < 2W
+# (A < W with a frozen conv weight). Late layers of
 # a CNN have far larger weights than activations (ResNet-50 layer4 at 112px: 2.4M vs 0.13M).
 _ROUTE = "auto"
 ROUTES = ("auto", "weight", "activation")
@@ -120,8 +124,10 @@ def _output_numel(x: Tensor, weight: Tensor, spec: Optional[ConvSpec]) -> int:
     return n
 
 
-def _activation_route(activation_numel: int, weight: Tensor) -> bool:
-    return _ROUTE == "activation" or (_ROUTE == "auto" and activation_numel < weight.numel())
+def _activation_route(activation_numel: int, weight: Tensor, weight_passes: int = 1) -> bool:
+    """Whether to scale activations rather than fold the weight; ``weight_passes``: how many
+    weight-sized read+write passes the weight route costs per activation-sized one (see above)."""
+    return _ROUTE == "activation" or (_ROUTE == "auto" and activation_numel < weight_passes * weight.numel())
 
 
 def _layer(x: Tensor, w: Tensor, b: Optional[Tensor], spec: Optional[ConvSpec]) -> Tensor:
@@ -229,7 +235,8 @@ def tune_backward(
         nonzero = not torch.compiler.is_compiling() and bool((scale.abs() > 1e-30).all())
     else:
         nonzero = True
-    if nonzero and _activation_route(g.numel(), weight):
+    # weight route: refold (2W) [+ s * dL/dw' (2W) if need_w]; activation route: g * s (2A)
+    if nonzero and _activation_route(g.numel(), weight, weight_passes=2 if need_w else 1):
         gs = g * _channel_view(scale.to(compute_dtype), g)
         gx, gw, gb = _layer_backward(gs, x_used, weight.to(compute_dtype), spec,
                                      [need_x, need_w or need_gamma, need_b or need_gamma or need_beta])
