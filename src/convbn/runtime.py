@@ -13,6 +13,7 @@ if a hook or unseen control flow broke that data flow it raises instead of being
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, List, Optional, Tuple
 
 import torch
@@ -124,12 +125,10 @@ class Block:
             if self.mode == "train-recompute":  # an unfused call (Linear on N-D input): plain PyTorch BN
                 return _stock_bn_forward(bn, input)
         if self.mode == "train-fission":
-            if self.stats_cache is not None and type(input) is Tensor and not _is_compiling():
-                # ICF's ConcatRecorder (a TorchFunctionMode) is active during the model's forward; our
-                # own ~100 tensor calls per layer (shape, data_ptr, ...) need not round-trip through it.
-                with torch._C.DisableTorchFunction():
-                    out = self._fission(input)
-            else:
+            # ICF's ConcatRecorder (a TorchFunctionMode) is active during the model's forward; our own
+            # ~100 tensor calls per layer (shape, data_ptr, ...) need not round-trip through it.
+            direct = self.stats_cache is not None and type(input) is Tensor and not _is_compiling()
+            with torch._C.DisableTorchFunction() if direct else contextlib.nullcontext():
                 out = self._fission(input)
             if self.relu is not None:
                 self._mark(out, fused=True)

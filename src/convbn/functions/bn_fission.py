@@ -11,14 +11,15 @@ The forward pass is split into two sub-layers and each is a single memory sweep:
   ``z = max(((x - mean) * invstd) * gamma + beta, 0)``, computed as ``((x - m_hi) - m_lo) * a + beta``
   with the float64 mean split into two floats so ``x - mean`` stays exact when ``mean >> std``.
 
-The backward pass is split the same way (Fig. 5b): one reduction sweep over ``(dy, x, z)`` for
-``sum(g)`` and ``sum(g * (x - mean))`` (``g = dy * (z > 0)``, the ReLU mask read from the *saved
-output*, never a stored bool tensor), giving ``dbeta`` and ``dgamma``; then one elementwise sweep
-writing ``dx = a * g + b * (x - mean) + e`` with per-channel ``a, b, e``. Saved for backward: ``x``,
-the output ``z`` (only with ``relu=True``; the following conv keeps it alive anyway) and float64
-per-channel vectors.
+The backward pass is split the same way (Fig. 5b): one reduction sweep over ``(dy, x)`` for
+``sum(g)`` and ``sum(g * (x - mean))`` (``g = dy * (z > 0)``, the ReLU mask *recomputed from x* with the
+forward's own arithmetic -- never a stored bool tensor, never a re-read of the output), giving
+``dbeta`` and ``dgamma``; then one elementwise sweep writing ``dx = a * g + b * (x - mean) + e`` with
+per-channel ``a, b, e``. Saved for backward: ``x`` and float64 per-channel vectors (plus the affine
+parameters).
 
-The four sweeps are a small C++/OpenMP kernel (no torch headers, built once with the system C++
+In eager mode one fused C++ call per direction also does the per-channel arithmetic (``invstd``, the
+running-statistics update, ``dgamma``/``dbeta``). The four sweeps are a small C++/OpenMP kernel (no torch headers, built once with the system C++
 compiler into ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/convbn``, loaded with ``ctypes``) for float32 and
 float64 in contiguous (``N, C, L``) or channels-last (``N, L, C``) layout. If the build fails, or for
 other dtypes, a pure-torch implementation with the same semantics runs instead (it warns once). Each
@@ -774,6 +775,7 @@ def bn_relu_train_backward(
 
 
 _FLOATS = (torch.float32, torch.float64)
+_UNKNOWN = object()  # BNReLUTrainFunction's ``fused`` default: not decided by the caller
 
 
 def _fused_path(x: Tensor, params: Sequence[Optional[Tensor]], buffers: Sequence[Optional[Tensor]]):
@@ -804,13 +806,16 @@ class BNReLUTrainFunction(torch.autograd.Function):
     Saves ``x`` and float64 per-channel vectors (plus the affine parameters, alive anyway) -- not the
     output: the ReLU backward recomputes its mask from ``x``. ``running``: ``(running_mean,
     running_var, factor)`` to update in place inside the fused eager kernel (the caller guarantees
-    :func:`_fused_path` applies), or ``None`` (the caller updates them). Differentiable once.
+    :func:`_fused_path` applies), or ``None`` (the caller updates them). ``fused``: the caller's
+    :func:`_fused_path` result for these arguments, if it has one (else it is computed here).
+    Differentiable once.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, relu, stats=None, running=None):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, eps, relu, stats=None, running=None, fused=_UNKNOWN):  # type: ignore[override]
         rm, rv, factor = running if running is not None else (None, None, 0.0)
-        fused = _fused_path(x, (weight, bias), (rm, rv))
+        if fused is _UNKNOWN:
+            fused = _fused_path(x, (weight, bias), (rm, rv))
         if fused is not None:
             lib, sfx, n, c, length, nlc, pf64, bf64 = fused
             if stats is not None:
@@ -847,12 +852,12 @@ class BNReLUTrainFunction(torch.autograd.Function):
             getattr(lib, f"fused_backward_{sfx}")(
                 g.data_ptr(), x.data_ptr(), _ptr(gx), n, c, length, nlc, _threads(x), mean.data_ptr(),
                 invstd.data_ptr(), _ptr(weight), _ptr(bias), pf64, int(ctx.relu), _ptr(gw), _ptr(gb))
-            return gx, gw, gb, None, None, None, None
+            return gx, gw, gb, None, None, None, None, None
         gx, gw, gb = bn_relu_train_backward(grad_out, x, weight, bias, mean, invstd, ctx.relu,
                                             (need_x, need_w, need_b))
         gw = None if gw is None else gw.to(ctx.dtypes[0])
         gb = None if gb is None else gb.to(ctx.dtypes[1])
-        return gx, gw, gb, None, None, None, None
+        return gx, gw, gb, None, None, None, None, None
 
 
 def _update_running(buf: Tensor, batch: Tensor, factor: Union[float, Tensor]) -> None:
@@ -921,7 +926,8 @@ def bn_relu_train(
         x = x.contiguous()
 
     factor: Union[float, Tensor] = 0.0 if momentum is None else float(momentum)
-    fused = _fused_path(x, (weight, bias), (running_mean, running_var)) is not None
+    path = _fused_path(x, (weight, bias), (running_mean, running_var))
+    fused = path is not None
     if num_batches_tracked is not None:
         num_batches_tracked.add_(1)
         if momentum is None:
@@ -931,7 +937,7 @@ def bn_relu_train(
 
     tracked = running_mean is not None or running_var is not None
     running = (running_mean, running_var, factor) if fused and tracked else None
-    out, mean, var = BNReLUTrainFunction.apply(x, weight, bias, float(eps), bool(relu), stats, running)
+    out, mean, var = BNReLUTrainFunction.apply(x, weight, bias, float(eps), bool(relu), stats, running, path)
     if tracked and running is None:
         with torch.no_grad():
             if running_mean is not None:

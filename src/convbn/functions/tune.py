@@ -80,8 +80,8 @@ def _folded_weight(weight: Tensor, scale: Tensor, spec: Optional[ConvSpec], dtyp
 # moves fewer elements (A: activation numel, W: weight numel). Forward: fold w' (read W, write W) vs
 # scale the output (2A). Backward: refold w' (2W) + in-place s * dL/dw' (2W, when dL/dw is needed) vs
 # scale the gradient (2A); the dgamma dot (2W) is common -- so the activation route wins when A < 2W
-# (A < W with a frozen conv weight). Late layers of
-# a CNN have far larger weights than activations (ResNet-50 layer4 at 112px: 2.4M vs 0.13M).
+# (A < W with a frozen conv weight). Late layers of a CNN have far larger weights than activations
+# (ResNet-50 layer4 at 112px: 2.4M vs 0.13M).
 _ROUTE = "auto"
 ROUTES = ("auto", "weight", "activation")
 
