@@ -295,8 +295,8 @@ def test_extension_builds_here():
 def test_degrades_gracefully_when_build_fails(monkeypatch, tmp_path):
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    monkeypatch.setattr(bn_fission, "_lib", None)
-    monkeypatch.setattr(bn_fission, "_lib_tried", False)
+    monkeypatch.setattr(bn_fission._LIB, "lib", None)
+    monkeypatch.setattr(bn_fission._LIB, "tried", False)
     with pytest.warns(RuntimeWarning, match="pure-torch path"):
         assert not bn_fission.extension_available()
     torch.manual_seed(8)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from conftest import assert_close_rel
+from convbn.functions.native import use_extension
 from convbn.functions.tune import ConvSpec, TuneConvBNFunction, tune_conv_bn, tune_route
 from convbn.bench.memory import saved_tensor_bytes
 from layer_cases import block_params, make_block
@@ -25,10 +26,19 @@ def _params(layer, bn):
 
 
 ROUTES = ["weight", "activation"]
+# "extension": the C++ kernels (eager float32/float64, not transposed); "sweeps": the torch-op path
+# that torch.compile, autocast and other dtypes take.
+BACKENDS = ["extension", "sweeps"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    with use_extension(request.param):
+        yield request.param
 
 
 @pytest.fixture(params=ROUTES)
-def route(request):
+def route(request, backend):
     with tune_route(request.param):
         yield request.param
 
@@ -84,7 +94,7 @@ def test_only_needed_gradients_are_computed(route):
     assert layer.bias.grad is not None and bn.bias.grad is not None
 
 
-def test_saves_only_input_and_vectors_like_deploy():
+def test_saves_only_input_and_vectors_like_deploy(backend):
     layer, bn, x = make_block("Conv2d", False, True, 1, c_in=8, c_out=16)
     bn.eval()
     x = torch.randn(4, 8, 32, 32)
@@ -126,7 +136,7 @@ def test_half_precision_parameters(route):
 
 
 @pytest.mark.parametrize("route_name", ROUTES)
-def test_zero_gamma_channels_are_exact_in_every_route(route_name):
+def test_zero_gamma_channels_are_exact_in_every_route(route_name, backend):
     """A zero-initialized gamma (zero_init_residual) makes s = 0: the activation route would divide
     by it, so backward must take the weight route for that call -- gradients still exact."""
     layer, bn, x = make_block("Conv2d", True, True, 1)
@@ -158,7 +168,7 @@ def test_auto_route_picks_the_smaller_side():
 
 
 @pytest.mark.parametrize("freeze_weight", [False, True], ids=["trainable", "frozen-weight"])
-def test_auto_mixes_routes_when_activation_is_between_one_and_two_weights(freeze_weight, monkeypatch):
+def test_auto_mixes_routes_when_activation_is_between_one_and_two_weights(freeze_weight, monkeypatch, backend):
     """With W < A < 2W, auto folds the weight in forward (A > W) but scales the gradient in backward
     when dL/dw is needed (refold + rescale cost 4W > 2A); a frozen conv weight keeps the weight route
     (refold 2W < 2A). Either way, float64 outputs and every gradient equal Eval's."""
@@ -194,3 +204,82 @@ def test_auto_mixes_routes_when_activation_is_between_one_and_two_weights(freeze
     for p, q in zip(got, want):
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-10)
     assert decisions == [False, not freeze_weight]  # forward folds; backward scales g iff dL/dw is needed
+
+
+def _native_used(out) -> bool:
+    return out.grad_fn.native is not None  # a custom Function's grad_fn is its ctx
+
+
+def test_native_path_applies_exactly_where_documented():
+    from convbn.functions.native import use_extension as use
+    from convbn.functions.tune import _native_path
+
+    cases = {}
+    for kind in ("Conv2d", "Conv1d", "Conv3d", "Linear", "ConvTranspose2d"):
+        layer, bn, x = make_block(kind, True, True, 1)
+        cases[kind] = (layer, bn.eval(), x)
+    with use("extension"):
+        for kind, (layer, bn, x) in cases.items():
+            out = _tune_call(layer, bn, x.requires_grad_(True))
+            assert _native_used(out) == (kind != "ConvTranspose2d"), kind
+            out.sum().backward()
+        layer, bn, x = cases["Conv2d"]
+        assert _native_used(_tune_call(copy.deepcopy(layer).double(), copy.deepcopy(bn).double(), x.double()))
+        # other dtypes, autocast, mixed parameter dtypes, non-contiguous weights: the torch-op path
+        assert not _native_used(_tune_call(copy.deepcopy(layer).to(torch.bfloat16),
+                                           copy.deepcopy(bn).to(torch.bfloat16), x.to(torch.bfloat16)))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not _native_used(_tune_call(layer, bn, x))
+        assert not _native_used(_tune_call(layer, copy.deepcopy(bn).double().float().double(), x))
+        w = layer.weight.detach().transpose(2, 3)
+        assert _native_path(x, w, (), ConvSpec((1, 1), (1, 1), (1, 1), False, (0, 0), 1)) is None
+    for mode in ("torch", "sweeps"):
+        with use(mode):
+            assert not _native_used(_tune_call(layer, bn, x))
+
+
+@pytest.mark.parametrize("kind,bias,affine,groups", [("Conv2d", True, True, 1), ("Conv2d", False, False, 1),
+                                                     ("Conv1d", True, True, 2), ("Linear", False, True, 1)])
+@pytest.mark.parametrize("route_name", ROUTES)
+def test_native_path_matches_torch_op_path(kind, bias, affine, groups, route_name):
+    """The C++ kernels and the torch-op path compute the same function and gradients (float32, to
+    rounding of invstd); the kernel's scale is gamma * invstd rounded once, bit for bit."""
+    from convbn.functions.tune import _native_forward, _native_path, _scale
+
+    layer, bn, x = make_block(kind, bias, affine, groups)
+    bn.eval()
+    results = []
+    for mode in ("extension", "sweeps"):
+        xi = x.clone().requires_grad_(True)
+        with use_extension(mode), tune_route(route_name):
+            out = _tune_call(layer, bn, xi)
+            g = torch.randn_like(out, generator=torch.Generator().manual_seed(0))
+            results.append((out,) + torch.autograd.grad(out, [xi] + _params(layer, bn), g))
+    for a, b in zip(*results):
+        assert_close_rel(a, b, 2e-6)
+    gamma = bn.weight if affine else None
+    spec = None if kind == "Linear" else ConvSpec(tuple(layer.stride), tuple(layer.padding), tuple(layer.dilation),
+                                                  False, tuple(layer.output_padding), layer.groups)
+    vectors = (layer.bias, gamma, bn.bias if affine else None, bn.running_mean, bn.running_var)
+    native = _native_path(x, layer.weight, vectors, spec)
+    assert native is not None
+    with torch.no_grad():
+        _, _, invstd, _, scale, zeros = _native_forward(native, x, layer.weight, layer.bias, bn.running_mean,
+                                                        bn.running_var, gamma, vectors[2], bn.eps, spec)
+    assert torch.equal(scale, _scale(gamma, invstd)) and zeros == 0
+    torch.testing.assert_close(invstd, torch.rsqrt(bn.running_var + bn.eps), rtol=2e-7, atol=0)
+
+
+def test_native_backward_with_create_graph_stays_differentiable():
+    layer, bn, x = make_block("Conv2d", True, True, 1)
+    bn.eval()
+    ref_layer, ref_bn = copy.deepcopy(layer), copy.deepcopy(bn)
+    with use_extension("extension"):
+        out = _tune_call(layer, bn, x)
+        assert _native_used(out)
+        (gw,) = torch.autograd.grad(out.square().sum(), [layer.weight], create_graph=True)
+        gw.square().sum().backward()
+    (gw_ref,) = torch.autograd.grad(ref_bn(ref_layer(x)).square().sum(), [ref_layer.weight], create_graph=True)
+    gw_ref.square().sum().backward()
+    assert_close_rel(gw, gw_ref, 2e-5)
+    assert_close_rel(bn.weight.grad, ref_bn.weight.grad, 1e-4)

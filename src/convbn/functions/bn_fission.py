@@ -29,21 +29,13 @@ op without graph breaks.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import sys
-import tempfile
-import threading
-import warnings
-from typing import Iterator, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
+
+from .native import NativeLibrary, extension_mode, use_extension
 
 __all__ = [
     "BNReLUTrainFunction",
@@ -396,82 +388,26 @@ CONVBN_EXPORT(float, f32)
 CONVBN_EXPORT(double, f64)
 """
 
-_CXXFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-shared", "-fPIC", "-std=c++17"]
-
-_lib_lock = threading.Lock()
-_lib: Optional[ctypes.CDLL] = None
-_lib_tried = False
-_mode = "auto"  # "auto": extension if it builds; "torch": pure-torch path; "extension": require it;
-# "sweeps": require it but run the per-sweep custom ops in eager too (as torch.compile does) -- for tests
-
-
-def _cache_dir() -> str:
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "convbn")
-    return os.path.join(root, "convbn_bn_fission")
-
-
-def _cpu_flags() -> str:
-    # -march=native: the cached binary is only valid for the CPU (features) it was built on.
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith("flags")), platform.processor())
-    except OSError:
-        return platform.processor()
-
-
-def _build_extension() -> ctypes.CDLL:
-    """Compile ``_CPP_SOURCE`` once (cached by a hash of source, flags, compiler and CPU); load it."""
-    cxx = os.environ.get("CXX", "c++")
-    if shutil.which(cxx) is None:
-        raise RuntimeError(f"C++ compiler {cxx!r} not found (set CXX)")
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([_CPP_SOURCE, " ".join(_CXXFLAGS), cxx, version, _cpu_flags(),
-                                    sys.platform]).encode()).hexdigest()[:16]
-    build_dir = _cache_dir()
-    os.makedirs(build_dir, exist_ok=True)
-    so_path = os.path.join(build_dir, f"bn_fission_{key}.so")
-    if not os.path.exists(so_path):
-        with tempfile.TemporaryDirectory(dir=build_dir) as tmp:
-            src, out = os.path.join(tmp, "bn_fission.cpp"), os.path.join(tmp, "bn_fission.so")
-            with open(src, "w") as f:
-                f.write(_CPP_SOURCE)
-            proc = subprocess.run([cxx, *_CXXFLAGS, src, "-o", out], capture_output=True, text=True, timeout=300)
-            if proc.returncode != 0:
-                raise RuntimeError(f"{cxx} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
-            os.replace(out, so_path)  # atomic: concurrent builders never see a half-written file
-    lib = ctypes.CDLL(so_path)
+def _argtypes() -> dict:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     dims = [i64, i64, i64, i32, i32]
+    types = {}
     for sfx in ("f32", "f64"):
-        getattr(lib, f"stats_{sfx}").argtypes = [p, *dims, p, p]
-        getattr(lib, f"normalize_{sfx}").argtypes = [p, p, *dims, p, p, p, i32]
-        getattr(lib, f"grad_sums_{sfx}").argtypes = [p, p, *dims, p, p, p, i32, p, p]
-        getattr(lib, f"grad_input_{sfx}").argtypes = [p, p, p, *dims, p, p, p, i32, p, p, p]
-        getattr(lib, f"fused_forward_{sfx}").argtypes = [p, p, *dims, p, p, i32, p, p, i32, ctypes.c_double, i32,
-                                                         p, p, p, i32, ctypes.c_double]
-        getattr(lib, f"fused_backward_{sfx}").argtypes = [p, p, p, *dims, p, p, p, p, i32, i32, p, p]
-    return lib
+        types[f"stats_{sfx}"] = [p, *dims, p, p]
+        types[f"normalize_{sfx}"] = [p, p, *dims, p, p, p, i32]
+        types[f"grad_sums_{sfx}"] = [p, p, *dims, p, p, p, i32, p, p]
+        types[f"grad_input_{sfx}"] = [p, p, p, *dims, p, p, p, i32, p, p, p]
+        types[f"fused_forward_{sfx}"] = [p, p, *dims, p, p, i32, p, p, i32, ctypes.c_double, i32,
+                                         p, p, p, i32, ctypes.c_double]
+        types[f"fused_backward_{sfx}"] = [p, p, p, *dims, p, p, p, p, i32, i32, p, p]
+    return types
+
+
+_LIB = NativeLibrary("bn_fission", _CPP_SOURCE, _argtypes(), "bn_fission")
 
 
 def _get_lib() -> Optional[ctypes.CDLL]:
-    global _lib, _lib_tried
-    if _mode == "torch":
-        return None
-    if not _lib_tried:
-        with _lib_lock:
-            if not _lib_tried:
-                try:
-                    _lib = _build_extension()
-                except Exception as exc:  # any failure degrades to the pure-torch path
-                    warnings.warn(f"convbn: the bn_fission C++ kernel could not be built, using the slower "
-                                  f"pure-torch path ({exc}). Install a C++ compiler with OpenMP (g++) or "
-                                  f"set CXX to fix this.", RuntimeWarning, stacklevel=3)
-                    _lib = None
-                _lib_tried = True
-    if _lib is None and _mode in ("extension", "sweeps"):
-        raise RuntimeError("convbn: the bn_fission C++ kernel is required (use_extension('extension')) "
-                           "but could not be built; see the earlier warning.")
-    return _lib
+    return _LIB.get()
 
 
 def extension_available() -> bool:
@@ -485,33 +421,6 @@ def extension_available() -> bool:
         True
     """
     return _get_lib() is not None
-
-
-@contextlib.contextmanager
-def use_extension(mode: str) -> Iterator[None]:
-    """Temporarily choose the implementation: ``"auto"``, ``"torch"`` (pure torch), ``"extension"``
-    or ``"sweeps"``.
-
-    Args:
-        mode: ``"auto"`` uses the C++ kernel when it builds; ``"torch"`` always uses the pure-torch
-            path; ``"extension"`` raises ``RuntimeError`` if the kernel is unavailable; ``"sweeps"``
-            is ``"extension"`` without the fused eager entry points (each sweep a separate custom op
-            call, the path torch.compile takes), for testing that path eagerly.
-
-    Example:
-        >>> with use_extension("torch"):
-        ...     z = bn_relu_train(torch.randn(4, 3, 5), None, None, None, None, None, 0.1, 1e-5)
-        >>> bool((z >= 0).all())
-        True
-    """
-    global _mode
-    if mode not in ("auto", "torch", "extension", "sweeps"):
-        raise ValueError(f"use_extension: mode must be 'auto', 'torch', 'extension' or 'sweeps', got {mode!r}")
-    old, _mode = _mode, mode
-    try:
-        yield
-    finally:
-        _mode = old
 
 
 # --------------------------------------------------------------------------------------------
@@ -785,7 +694,7 @@ def _fused_path(x: Tensor, params: Sequence[Optional[Tensor]], buffers: Sequence
     buffers) are contiguous CPU float32/float64 tensors of one dtype; everything else (torch.compile,
     tensor subclasses, other dtypes) takes the per-sweep custom ops.
     """
-    if _mode == "sweeps" or torch.compiler.is_compiling() or type(x) is not Tensor:
+    if extension_mode() == "sweeps" or torch.compiler.is_compiling() or type(x) is not Tensor:
         return None
     args = _kernel_args(x)
     if args is None:

@@ -17,10 +17,18 @@ backward. Its bytes saved for backward therefore equal Deploy's. The backward is
 
 The fold is computed in float32 (float64 stays float64) and cast once to the compute dtype, which
 is the autocast dtype when autocast is active (so bf16 autocast never folds in bf16).
+
+In eager mode, for float32/float64 CPU layers (not transposed, no autocast), a small C++ kernel (see
+:mod:`convbn.functions.native`) does the per-channel arithmetic and the fold in one call per
+direction, and in backward reads ``dL/dw'`` once for both the ``dgamma`` dot and ``dL/dw = s * dL/dw'``
+-- the torch-op path costs about twenty small ops and three weight-sized passes more per layer, which
+is most of Tune's overhead over Deploy on a CPU. ``torch.compile``, autocast, other dtypes and
+``use_extension("torch"|"sweeps")`` take the torch-op path (same function, same saved tensors).
 """
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple, Union
 
@@ -28,6 +36,7 @@ import torch
 from torch import Tensor
 
 from ..fold import scale_weight_per_out_channel, sum_per_out_channel
+from .native import NativeLibrary, extension_mode
 
 __all__ = ["ConvSpec", "TuneConvBNFunction", "tune_conv_bn", "tune_forward", "tune_backward", "tune_route"]
 
@@ -268,6 +277,205 @@ def tune_backward(
     return gx, grad_w, grad_b, grad_gamma, grad_beta
 
 
+# --------------------------------------------------------------------------------------------
+# Eager fast path: the per-channel math, the fold and the weight-gradient epilogue in C++.
+# Weights are [C_out, K] rows (conv, not transposed, or Linear); per-channel vectors share the
+# weight's dtype. Scalars are computed as the torch-op path does (invstd in double, then rounded).
+# --------------------------------------------------------------------------------------------
+_CPP_SOURCE = r"""
+#include <stdint.h>
+#include <math.h>
+
+namespace {
+// Per-channel invstd, -mean, scale = gamma * invstd, folded bias = (bias - mean) * scale + beta; and,
+// if wout, the folded weight wout = w * scale. Returns how many channels have |scale| <= 1e-30.
+template <typename T>
+int fold(const T* w, T* wout, int64_t C, int64_t K, const T* rm, const T* rv, const T* gamma, const T* beta,
+         const T* bias, double eps, T* invstd, T* neg_mean, T* scale, T* fbias, int nt) {
+  int zeros = 0;
+  for (int64_t c = 0; c < C; ++c) {
+    T is = (T)(1.0 / sqrt((double)rv[c] + eps));
+    T s = gamma ? (T)(gamma[c] * is) : is;
+    T nm = -rm[c];
+    T fb = (bias ? (T)(bias[c] + nm) : nm) * s;
+    invstd[c] = is; neg_mean[c] = nm; scale[c] = s; fbias[c] = beta ? (T)(fb + beta[c]) : fb;
+    zeros += fabs((double)s) <= 1e-30;
+  }
+  if (wout) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t c = 0; c < C; ++c) {
+      const T s = scale[c];
+      const T* src = w + c * K;
+      T* dst = wout + c * K;
+#pragma omp simd
+      for (int64_t k = 0; k < K; ++k) dst[k] = src[k] * s;
+    }
+  }
+  return zeros;
+}
+
+template <typename T>
+void refold(const T* w, T* wout, int64_t C, int64_t K, const T* scale, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t c = 0; c < C; ++c) {
+    const T s = scale[c];
+    const T* src = w + c * K;
+    T* dst = wout + c * K;
+#pragma omp simd
+    for (int64_t k = 0; k < K; ++k) dst[k] = src[k] * s;
+  }
+}
+
+// The backward epilogue. gw: dL/dw' (weight route; scaled in place to dL/dw if need_w) or dL/dw
+// (activation route: dL/dw' = dL/dw / s). gsum: dL/db' (weight route) or dL/db (activation route).
+// dgamma = invstd * (sum(dL/dw' * w) + sum_g * (bias - mean)), dbeta = sum_g, dbias = s * sum_g.
+template <typename T>
+void epilogue(T* gw, const T* w, int64_t C, int64_t K, const T* scale, int act, int need_w, const T* gsum,
+              const T* bias, const T* neg_mean, const T* invstd, T* ggamma, T* gbeta, T* gbias, int nt) {
+  const bool scale_w = gw && need_w && !act;
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t c = 0; c < C; ++c) {
+    const T s = scale[c];
+    double dot = 0.0;
+    if (gw && ggamma) {
+      T* r = gw + c * K;
+      const T* wr = w + c * K;
+      if (scale_w) {
+#pragma omp simd reduction(+ : dot)
+        for (int64_t k = 0; k < K; ++k) { dot += (double)r[k] * (double)wr[k]; r[k] = r[k] * s; }
+      } else {
+#pragma omp simd reduction(+ : dot)
+        for (int64_t k = 0; k < K; ++k) dot += (double)r[k] * (double)wr[k];
+      }
+    } else if (scale_w) {
+      T* r = gw + c * K;
+#pragma omp simd
+      for (int64_t k = 0; k < K; ++k) r[k] = r[k] * s;
+    }
+    if (!gsum) continue;
+    const T sg = act ? (T)(gsum[c] / s) : gsum[c];
+    if (ggamma) {
+      const T d = act ? (T)(dot / (double)s) : (T)dot;
+      ggamma[c] = invstd[c] * (T)(d + sg * (bias ? (T)(bias[c] + neg_mean[c]) : neg_mean[c]));
+    }
+    if (gbeta) gbeta[c] = sg;
+    if (gbias) gbias[c] = act ? gsum[c] : (T)(sg * s);
+  }
+}
+}  // namespace
+
+#define CONVBN_TUNE_EXPORT(T, SFX)                                                                     \
+  extern "C" int tune_fold_##SFX(const T* w, T* wout, int64_t C, int64_t K, const T* rm, const T* rv,  \
+                                 const T* gamma, const T* beta, const T* bias, double eps, T* invstd,  \
+                                 T* neg_mean, T* scale, T* fbias, int nt) {                            \
+    return fold<T>(w, wout, C, K, rm, rv, gamma, beta, bias, eps, invstd, neg_mean, scale, fbias, nt); }\
+  extern "C" void tune_refold_##SFX(const T* w, T* wout, int64_t C, int64_t K, const T* scale, int nt) { \
+    refold<T>(w, wout, C, K, scale, nt); }                                                             \
+  extern "C" void tune_epilogue_##SFX(T* gw, const T* w, int64_t C, int64_t K, const T* scale, int act, \
+                                      int need_w, const T* gsum, const T* bias, const T* neg_mean,     \
+                                      const T* invstd, T* ggamma, T* gbeta, T* gbias, int nt) {        \
+    epilogue<T>(gw, w, C, K, scale, act, need_w, gsum, bias, neg_mean, invstd, ggamma, gbeta, gbias, nt); }
+CONVBN_TUNE_EXPORT(float, f32)
+CONVBN_TUNE_EXPORT(double, f64)
+"""
+
+
+def _argtypes() -> dict:
+    p, i64, i32, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
+    types = {}
+    for sfx in ("f32", "f64"):
+        types[f"tune_fold_{sfx}"] = [p, p, i64, i64, p, p, p, p, p, f64, p, p, p, p, i32]
+        types[f"tune_refold_{sfx}"] = [p, p, i64, i64, p, i32]
+        types[f"tune_epilogue_{sfx}"] = [p, p, i64, i64, p, i32, i32, p, p, p, p, p, p, p, i32]
+    return types
+
+
+_LIB = NativeLibrary("tune", _CPP_SOURCE, _argtypes(), "Tune")
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def _ptr(t: Optional[Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
+
+
+def _threads(numel: int) -> int:
+    # Waking OpenMP threads costs more than a small weight's whole pass.
+    return max(1, min(torch.get_num_threads(), numel // 65536))
+
+
+def _native_path(x: Tensor, weight: Tensor, vectors: Sequence[Optional[Tensor]], spec: Optional[ConvSpec]):
+    """``(lib, sfx)`` when the C++ kernels apply (eager, no autocast, a float32/float64 CPU layer that
+    is not transposed, contiguous, with per-channel tensors of the weight's dtype), else ``None``."""
+    if extension_mode() in ("torch", "sweeps") or torch.compiler.is_compiling():
+        return None
+    if (spec is not None and spec.transposed) or type(weight) not in _PLAIN or weight.device.type != "cpu" \
+            or weight.dtype not in (torch.float32, torch.float64) or not weight.is_contiguous() \
+            or weight.numel() == 0 or autocast_dtype(x.device.type) is not None:
+        return None
+    for t in vectors:
+        if t is not None and (type(t) not in _PLAIN or t.dtype != weight.dtype or t.device.type != "cpu"
+                              or not t.is_contiguous()):
+            return None
+    lib = _LIB.get()
+    return None if lib is None else (lib, "f32" if weight.dtype == torch.float32 else "f64")
+
+
+def _native_forward(native, x: Tensor, weight: Tensor, bias: Optional[Tensor], running_mean: Tensor,
+                    running_var: Tensor, gamma: Optional[Tensor], beta: Optional[Tensor], eps: float,
+                    spec: Optional[ConvSpec]):
+    """:func:`tune_forward` by the C++ kernels; also returns ``scale`` and how many channels have
+    ``scale == 0`` (which rules out the activation route in backward). The kernel's ``scale`` is
+    ``gamma * invstd`` rounded once, as backward's :func:`_scale` recomputes it, bit for bit."""
+    lib, sfx = native
+    c = weight.shape[0]
+    k = weight.numel() // c
+    invstd, neg_mean, scale, folded_bias = (weight.new_empty(c) for _ in range(4))
+    x_used = x.to(weight.dtype)
+    activation = _activation_route(_output_numel(x, weight, spec), weight)
+    w = None if activation else torch.empty_like(weight)
+    zeros = getattr(lib, f"tune_fold_{sfx}")(
+        weight.data_ptr(), _ptr(w), c, k, running_mean.data_ptr(), running_var.data_ptr(), _ptr(gamma),
+        _ptr(beta), _ptr(bias), float(eps), invstd.data_ptr(), neg_mean.data_ptr(), scale.data_ptr(),
+        folded_bias.data_ptr(), _threads(weight.numel()))
+    if activation:
+        out = _layer(x_used, weight, None, spec)
+        out = torch.addcmul(_channel_view(folded_bias, out), out, _channel_view(scale, out), out=out)
+    else:
+        out = _layer(x_used, w, folded_bias, spec)
+    return out, x_used, invstd, neg_mean, scale, zeros
+
+
+def _native_backward(native, grad_out: Tensor, x_used: Tensor, weight: Tensor, bias: Optional[Tensor],
+                     invstd: Tensor, neg_mean: Tensor, scale: Tensor, zeros: int, spec: Optional[ConvSpec],
+                     needs: Sequence[bool]):
+    """:func:`tune_backward` by the C++ kernels (not differentiable: only without ``create_graph``)."""
+    lib, sfx = native
+    need_x, need_w, need_b, need_gamma, need_beta = needs
+    c = weight.shape[0]
+    k = weight.numel() // c
+    g = grad_out.to(weight.dtype)
+    mask = [need_x, need_w or need_gamma, need_b or need_gamma or need_beta]
+    activation = (zeros == 0 or not (need_gamma or need_beta)) and \
+        _activation_route(g.numel(), weight, weight_passes=2 if need_w else 1)
+    if activation:
+        gx, gw, gb = _layer_backward(g * _channel_view(scale, g), x_used, weight, spec, mask)
+    else:
+        w = torch.empty_like(weight)
+        getattr(lib, f"tune_refold_{sfx}")(weight.data_ptr(), w.data_ptr(), c, k, scale.data_ptr(),
+                                            _threads(weight.numel()))
+        gx, gw, gb = _layer_backward(g, x_used, w, spec, mask)
+        del w
+    gw = None if gw is None else gw.contiguous()
+    ggamma = weight.new_empty(c) if need_gamma else None
+    gbeta = weight.new_empty(c) if need_beta else None
+    gbias = weight.new_empty(c) if need_b else None
+    getattr(lib, f"tune_epilogue_{sfx}")(
+        _ptr(gw), weight.data_ptr(), c, k, scale.data_ptr(), int(activation), int(need_w), _ptr(gb), _ptr(bias),
+        neg_mean.data_ptr(), invstd.data_ptr(), _ptr(ggamma), _ptr(gbeta), _ptr(gbias),
+        _threads(weight.numel()))
+    return gx, gw if need_w else None, gbias, ggamma, gbeta
+
+
 class TuneConvBNFunction(torch.autograd.Function):
     """Conv/Linear followed by BN-with-running-statistics, folded on the fly.
 
@@ -280,6 +488,14 @@ class TuneConvBNFunction(torch.autograd.Function):
         if not x.is_floating_point():
             raise TypeError(f"expected a floating-point input, got {x.dtype}; a conv cannot take integer or bool "
                             f"tensors (plain PyTorch raises too). Convert it first, e.g. x.float()")
+        native = _native_path(x, weight, (bias, gamma, beta, running_mean, running_var), spec)
+        if native is not None:
+            out, x_used, invstd, neg_mean, scale, zeros = _native_forward(
+                native, x, weight, bias, running_mean, running_var, gamma, beta, eps, spec)
+            ctx.save_for_backward(x_used, weight, bias, gamma, invstd, neg_mean)
+            ctx.native, ctx.zeros, ctx.spec, ctx.compute_dtype = native, zeros, spec, weight.dtype
+            ctx.dtypes = (x.dtype,) + (weight.dtype,) * 4
+            return out
         act = autocast_dtype(x.device.type)
         compute_dtype = act if act is not None and x.is_floating_point() else weight.dtype
         if act is not None:
@@ -290,7 +506,7 @@ class TuneConvBNFunction(torch.autograd.Function):
             out, x_used, invstd, neg_mean = tune_forward(
                 x, weight, bias, running_mean, running_var, gamma, beta, eps, spec, compute_dtype)
         ctx.save_for_backward(x_used, weight, bias, gamma, invstd, neg_mean)
-        ctx.spec, ctx.compute_dtype = spec, compute_dtype
+        ctx.native, ctx.spec, ctx.compute_dtype = None, spec, compute_dtype
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype,
                       None if gamma is None else gamma.dtype, None if beta is None else beta.dtype)
         return out
@@ -299,6 +515,10 @@ class TuneConvBNFunction(torch.autograd.Function):
     def backward(ctx, grad_out):  # type: ignore[override]
         x_used, weight, bias, gamma, invstd, neg_mean = ctx.saved_tensors
         needs = ctx.needs_input_grad[:5]
+        if ctx.native is not None and not torch.is_grad_enabled():  # create_graph: differentiable ops
+            grads = _native_backward(ctx.native, grad_out, x_used, weight, bias, invstd, neg_mean,
+                                     _scale(gamma, invstd), ctx.zeros, ctx.spec, needs)
+            return tuple(None if g is None else g.to(dt) for g, dt in zip(grads, ctx.dtypes)) + (None,) * 4
         grads = tune_backward(grad_out, x_used, weight, bias, gamma, invstd, neg_mean, ctx.spec, ctx.compute_dtype,
                               needs)
         grads = tuple(None if g is None else g.to(dt) for g, dt in zip(grads, ctx.dtypes))
