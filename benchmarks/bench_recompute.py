@@ -6,7 +6,7 @@ Variants (all PyTorch train-mode semantics, forward+backward w.r.t. parameters):
   checkpoint  torch.utils.checkpoint (non-reentrant) around every Conv-BN(-ReLU) block
 
 Measures saved-for-backward bytes, peak live tensor bytes and step time (warm-up, interleaved
-rounds, median of per-round ratios). Targets (issue 3): saved recompute/plain <= 0.60; time
+rounds, median of per-round ratios; each variant in its own process, as in bench_tune.py). Targets (issue 3): saved recompute/plain <= 0.60; time
 recompute/plain <= 1.25; recompute faster than checkpoint at <= its memory.
 
     python benchmarks/bench_recompute.py [--rounds 12] [--out benchmarks/results/recompute.json]
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 import convbn
 from convbn.bench.memory import saved_tensor_bytes
 from convbn.bench.peak import peak_live_tensor_bytes, retained_bytes
-from convbn.bench.timing import add_benchmark_args, interleaved_timings, parameter_step
+from convbn.bench.timing import add_benchmark_args, isolated_interleaved_timings, parameter_step
 
 
 class Checkpointed(nn.Module):
@@ -61,20 +62,31 @@ def checkpoint_conv_bn_blocks(model: nn.Module) -> int:
     return wrapped
 
 
+def _models(batch: int, size: int):
+    from monai.networks.nets import resnet50
+
+    torch.manual_seed(0)
+    base = resnet50(spatial_dims=2, n_input_channels=3, num_classes=10).train()
+    x = torch.randn(batch, 3, size, size)
+    models = {"plain": copy.deepcopy(base),
+              "recompute": convbn.convert(copy.deepcopy(base), "train", recompute=True),
+              "checkpoint": copy.deepcopy(base)}
+    n_ckpt = checkpoint_conv_bn_blocks(models["checkpoint"])
+    return base, x, models, n_ckpt
+
+
+def build_step(variant: str, batch: int, size: int):
+    """Runs in the variant's worker process."""
+    _, x, models, _ = _models(batch, size)
+    return parameter_step(models[variant], x)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_benchmark_args(ap, rounds=12, out=str(Path(__file__).parent / "results" / "recompute.json"))
     args = ap.parse_args()
 
-    from monai.networks.nets import resnet50
-
-    torch.manual_seed(0)
-    base = resnet50(spatial_dims=2, n_input_channels=3, num_classes=10).train()
-    x = torch.randn(args.batch, 3, args.size, args.size)
-    models = {"plain": copy.deepcopy(base),
-              "recompute": convbn.convert(copy.deepcopy(base), "train", recompute=True),
-              "checkpoint": copy.deepcopy(base)}
-    n_ckpt = checkpoint_conv_bn_blocks(models["checkpoint"])
+    base, x, models, n_ckpt = _models(args.batch, args.size)
     n_params = sum(p.numel() * p.element_size() for p in base.parameters())
 
     def step(model):
@@ -98,7 +110,8 @@ def main() -> None:
     saved = {k: saved_tensor_bytes(lambda m=m: m(x)) for k, m in models.items() if k != "checkpoint"}
     retained = {k: retained_bytes(lambda m=m: m(x)) for k, m in models.items()}
     peak = {k: peak_live_tensor_bytes(step(m))[1] for k, m in models.items()}
-    timing = interleaved_timings({k: step(m) for k, m in models.items()}, rounds=args.rounds, warmup=args.warmup)
+    timing = isolated_interleaved_timings({k: functools.partial(build_step, k, args.batch, args.size) for k in models},
+                                          rounds=args.rounds, warmup=args.warmup)
     r_rp, r_cp, r_rc = timing.ratio("recompute", "plain"), timing.ratio("checkpoint", "plain"), \
         timing.ratio("recompute", "checkpoint")
     result = {

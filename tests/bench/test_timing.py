@@ -158,3 +158,27 @@ def test_isolated_timings_report_a_failing_variant():
         isolated_interleaved_timings({"bad": _broken_factory}, rounds=1, warmup=0, threads=1)
     with pytest.raises(ValueError, match="rounds"):
         isolated_interleaved_timings({"x": _broken_factory}, rounds=0)
+
+
+def _allocator_checker(expected: dict):
+    import os as _os
+
+    seen = {k: _os.environ.get(k) for k in expected}
+    if seen != expected:
+        raise ValueError(f"worker malloc environment {seen}")
+    return lambda: None
+
+
+@pytest.mark.parametrize("steady", [True, False])
+def test_isolated_workers_get_the_steady_allocator_and_the_parent_keeps_its_environment(steady, monkeypatch):
+    import functools
+    import os
+
+    from convbn.bench.timing import STEADY_ALLOCATOR_ENV, isolated_interleaved_timings
+
+    for k in STEADY_ALLOCATOR_ENV:
+        monkeypatch.delenv(k, raising=False)
+    expected = dict(STEADY_ALLOCATOR_ENV) if steady else {k: None for k in STEADY_ALLOCATOR_ENV}
+    isolated_interleaved_timings({"w": functools.partial(_allocator_checker, expected)}, rounds=1, warmup=0,
+                                 threads=1, steady_allocator=steady)
+    assert all(k not in os.environ for k in STEADY_ALLOCATOR_ENV)

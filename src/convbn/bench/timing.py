@@ -208,6 +208,10 @@ def interleaved_timings(variants: Mapping[str, Callable[[], Any]], *, rounds: in
     return TimingResult(times=times, orders=orders)
 
 
+# glibc malloc: never mmap (so never munmap and fault pages back in), never trim the heap
+STEADY_ALLOCATOR_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(64 << 30)}
+
+
 def _isolated_worker(conn, factory: Callable[[], Callable[[], Any]], threads: Optional[int]) -> None:
     try:
         import torch
@@ -251,10 +255,12 @@ def isolated_interleaved_timings(factories: Mapping[str, Callable[[], Callable[[
         rounds, warmup, order, seed: as :func:`interleaved_timings`.
         threads: ``torch.set_num_threads`` in every worker (default: the parent's count).
         steady_allocator: start the workers with glibc malloc told to keep freed memory
-            (``MALLOC_MMAP_THRESHOLD_`` = 32 MiB, its maximum; ``MALLOC_TRIM_THRESHOLD_`` = 64 GiB), so a
-            training step re-uses last step's pages instead of page-faulting fresh ones (sys time was
-            ~40% of a ResNet-50 step without it). Every variant gets the same setting; this times the
-            computation, as a production run with jemalloc/tcmalloc would see it.
+            (``MALLOC_MMAP_MAX_`` = 0: no allocation is served by a fresh ``mmap``, not even those
+            above the 32 MiB cap of glibc's mmap threshold; ``MALLOC_TRIM_THRESHOLD_`` = 64 GiB: the
+            heap is never trimmed), so a training step re-uses last step's pages instead of
+            page-faulting fresh ones (ResNet-50 at 112 px has 51 MB activations: 20k-70k minor faults
+            and ~10% sys time per step without it, ~0 with it). Every variant gets the same setting;
+            this times the computation, as a production run with jemalloc/tcmalloc would see it.
 
     Returns:
         A :class:`TimingResult`.
@@ -274,7 +280,7 @@ def isolated_interleaved_timings(factories: Mapping[str, Callable[[], Callable[[
     ctx = mp.get_context("spawn")
     names = list(factories)
     conns, procs = {}, []
-    env = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(64 << 30)} if steady_allocator else {}
+    env = STEADY_ALLOCATOR_ENV if steady_allocator else {}
     saved_env = {k: os.environ.get(k) for k in env}
     try:
         for name in names:  # built one after another: building never overlaps another worker
