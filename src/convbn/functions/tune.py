@@ -280,13 +280,27 @@ def tune_backward(
 # --------------------------------------------------------------------------------------------
 # Eager fast path: the per-channel math, the fold and the weight-gradient epilogue in C++.
 # Weights are [C_out, K] rows (conv, not transposed, or Linear); per-channel vectors share the
-# weight's dtype. Scalars are computed as the torch-op path does (invstd in double, then rounded).
+# weight's dtype. invstd is computed in double and rounded once (the torch-op path's float rsqrt
+# may differ by an ulp); scale = gamma * invstd is one rounded product on both paths.
 # --------------------------------------------------------------------------------------------
 _CPP_SOURCE = r"""
 #include <stdint.h>
 #include <math.h>
 
 namespace {
+// The folded weight wout = w * scale, row by row.
+template <typename T>
+void refold(const T* w, T* wout, int64_t C, int64_t K, const T* scale, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t c = 0; c < C; ++c) {
+    const T s = scale[c];
+    const T* src = w + c * K;
+    T* dst = wout + c * K;
+#pragma omp simd
+    for (int64_t k = 0; k < K; ++k) dst[k] = src[k] * s;
+  }
+}
+
 // Per-channel invstd, -mean, scale = gamma * invstd, folded bias = (bias - mean) * scale + beta; and,
 // if wout, the folded weight wout = w * scale. Returns how many channels have |scale| <= 1e-30.
 template <typename T>
@@ -301,29 +315,8 @@ int fold(const T* w, T* wout, int64_t C, int64_t K, const T* rm, const T* rv, co
     invstd[c] = is; neg_mean[c] = nm; scale[c] = s; fbias[c] = beta ? (T)(fb + beta[c]) : fb;
     zeros += fabs((double)s) <= 1e-30;
   }
-  if (wout) {
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t c = 0; c < C; ++c) {
-      const T s = scale[c];
-      const T* src = w + c * K;
-      T* dst = wout + c * K;
-#pragma omp simd
-      for (int64_t k = 0; k < K; ++k) dst[k] = src[k] * s;
-    }
-  }
+  if (wout) refold(w, wout, C, K, scale, nt);
   return zeros;
-}
-
-template <typename T>
-void refold(const T* w, T* wout, int64_t C, int64_t K, const T* scale, int nt) {
-#pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t c = 0; c < C; ++c) {
-    const T s = scale[c];
-    const T* src = w + c * K;
-    T* dst = wout + c * K;
-#pragma omp simd
-    for (int64_t k = 0; k < K; ++k) dst[k] = src[k] * s;
-  }
 }
 
 // The backward epilogue. gw: dL/dw' (weight route; scaled in place to dL/dw if need_w) or dL/dw
