@@ -49,3 +49,25 @@ def make_block(kind: str, bias: bool, affine: bool, groups: int, seed: int = 0,
             layer.bias.normal_(0, 1)
     randomize_bn(bn, torch.Generator().manual_seed(seed + 7))
     return layer, bn, x
+
+
+class MixedBlocksNet(nn.Module):
+    """Residual, grouped, strided, transposed and Linear->BN1d blocks: every path tune takes.
+    ``conv2_bias``/``up_channels`` vary the grouped conv's bias and the transposed conv's width."""
+
+    def __init__(self, conv2_bias: bool = True, up_channels: int = 16):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.conv1, self.bn1 = nn.Conv2d(16, 32, 3, 2, 1, bias=False), nn.BatchNorm2d(32)
+        self.conv2, self.bn2 = nn.Conv2d(32, 32, 3, 1, 1, groups=4, bias=conv2_bias), nn.BatchNorm2d(32)
+        self.down = nn.Sequential(nn.Conv2d(16, 32, 1, 2, bias=False), nn.BatchNorm2d(32))
+        self.up = nn.ConvTranspose2d(32, up_channels, 3, 2, 1, output_padding=1)
+        self.bn_up = nn.BatchNorm2d(up_channels)
+        self.fc, self.bn_fc = nn.Linear(up_channels, 10), nn.BatchNorm1d(10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = torch.relu(self.bn2(self.conv2(y)) + self.down(x))
+        y = torch.relu(self.bn_up(self.up(y)))
+        return self.bn_fc(self.fc(y.mean((2, 3))))

@@ -14,35 +14,16 @@ from torch.utils.checkpoint import checkpoint
 
 import convbn
 from conftest import assert_close_rel, calibrate_bn, randomize_all_bn
+from layer_cases import MixedBlocksNet
 
 HAS_TRAIN_VARIANTS = "recompute" in inspect.signature(convbn.convert).parameters
 needs_train_variants = pytest.mark.skipif(
     not HAS_TRAIN_VARIANTS, reason="convbn.convert(model, 'train', recompute=/fission=) not available yet")
 
 
-class Net(nn.Module):
-    """Residual, grouped, strided, transposed and Linear->BN1d blocks: every path tune takes."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
-        self.conv1, self.bn1 = nn.Conv2d(16, 32, 3, 2, 1, bias=False), nn.BatchNorm2d(32)
-        self.conv2, self.bn2 = nn.Conv2d(32, 32, 3, 1, 1, groups=4), nn.BatchNorm2d(32)
-        self.down = nn.Sequential(nn.Conv2d(16, 32, 1, 2, bias=False), nn.BatchNorm2d(32))
-        self.up, self.bn_up = nn.ConvTranspose2d(32, 16, 3, 2, 1, output_padding=1), nn.BatchNorm2d(16)
-        self.fc, self.bn_fc = nn.Linear(16, 10), nn.BatchNorm1d(10)
-
-    def forward(self, x):
-        x = self.stem(x)
-        y = torch.relu(self.bn1(self.conv1(x)))
-        y = torch.relu(self.bn2(self.conv2(y)) + self.down(x))
-        y = torch.relu(self.bn_up(self.up(y)))
-        return self.bn_fc(self.fc(y.mean((2, 3))))
-
-
 def net(seed=0):
     torch.manual_seed(seed)
-    return randomize_all_bn(Net(), seed)
+    return randomize_all_bn(MixedBlocksNet(), seed)
 
 
 def eval_reference(model):
@@ -148,7 +129,7 @@ def rms_rel(a, b):
 
 def _amp_errors(mode, seed):
     torch.manual_seed(seed)
-    base, x = Net(), torch.randn(8, 3, 16, 16)
+    base, x = MixedBlocksNet(), torch.randn(8, 3, 16, 16)
     calibrate_bn(base, x, seed)
     truth = out_and_grads(eval_reference(base).double(), x.double())
     g = torch.linspace(-1, 1, truth[0].numel()).view_as(truth[0])
@@ -206,7 +187,7 @@ def test_low_precision_parameters_fold_in_float32(dtype, mode):
     errs = {"eval": [], mode: []}
     for seed in range(3):
         torch.manual_seed(seed)
-        base, x = Net(), torch.randn(8, 3, 16, 16)
+        base, x = MixedBlocksNet(), torch.randn(8, 3, 16, 16)
         calibrate_bn(base, x, seed)
         truth = out_and_grads(eval_reference(base).double(), x.double())
         other = convbn.deploy(copy.deepcopy(base).to(dtype), example_inputs=x.to(dtype)) if mode == "deploy" \

@@ -10,7 +10,7 @@ from torch import nn
 
 import convbn
 from conftest import calibrate_bn, randomize_all_bn
-from layer_cases import make_block
+from layer_cases import MixedBlocksNet, make_block
 
 onnx = pytest.importorskip("onnx", reason="install the onnx extra: pip install -e .[onnx]")
 pytest.importorskip("onnxruntime", reason="install the onnx extra: pip install -e .[onnx]")
@@ -23,27 +23,9 @@ from convbn.export import export_onnx, onnxruntime_outputs  # noqa: E402
 RTOL = 1e-5
 
 
-class SmallResNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
-        self.conv1, self.bn1 = nn.Conv2d(16, 32, 3, 2, 1, bias=False), nn.BatchNorm2d(32)
-        self.conv2, self.bn2 = nn.Conv2d(32, 32, 3, 1, 1, groups=4, bias=False), nn.BatchNorm2d(32)
-        self.down = nn.Sequential(nn.Conv2d(16, 32, 1, 2, bias=False), nn.BatchNorm2d(32))
-        self.up, self.bn_up = nn.ConvTranspose2d(32, 8, 3, 2, 1, output_padding=1), nn.BatchNorm2d(8)
-        self.fc, self.bn_fc = nn.Linear(8, 10), nn.BatchNorm1d(10)
-
-    def forward(self, x):
-        x = self.stem(x)
-        y = torch.relu(self.bn1(self.conv1(x)))
-        y = torch.relu(self.bn2(self.conv2(y)) + self.down(x))
-        y = torch.relu(self.bn_up(self.up(y)))
-        return self.bn_fc(self.fc(y.mean((2, 3))))
-
-
 def small_resnet(seed=0):
     torch.manual_seed(seed)
-    return randomize_all_bn(SmallResNet(), seed)
+    return randomize_all_bn(MixedBlocksNet(conv2_bias=False, up_channels=8), seed)
 
 
 def op_types(path):

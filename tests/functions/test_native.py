@@ -2,7 +2,6 @@ import copy
 import warnings
 
 import pytest
-import torch
 
 from conftest import assert_close_rel
 from convbn.functions import tune
