@@ -6,6 +6,7 @@ import pickle
 
 import pytest
 import torch
+import torch.nn.utils.prune
 from torch import nn
 
 import convbn
@@ -164,26 +165,89 @@ def test_model_identity_state_dict_names_and_parameter_objects_are_unchanged():
         assert torch.equal(v, snapshot[k]), f"{k} changed"
 
 
-def test_forward_hooks_fire_and_see_the_documented_tensors():
+@pytest.mark.parametrize("mode", ["tune", "eval"])
+def test_forward_hooks_fire_and_see_what_they_see_in_plain_pytorch(mode):
     model = small_resnet()
     seen = {}
-    model.stem[0].register_forward_hook(lambda m, i, o: seen.__setitem__("conv", (o, o.clone())))
-    model.stem[1].register_forward_hook(lambda m, i, o: seen.__setitem__("bn", (i[0], o)))
+    model.stem[0].register_forward_hook(lambda m, i, o: seen.__setitem__("conv", o.clone()))
+    model.stem[1].register_forward_hook(lambda m, i, o: seen.__setitem__("bn", (i[0].clone(), o.clone())))
     x = torch.randn(2, 3, 16, 16)
-    expected_block = plain_eval_reference(model).stem[1](model.stem[0](x))
-    convbn.convert(model, "tune")
-    model(x)
-    # tune: the conv's hook sees the block output (already normalized); the BN passes it through
-    assert_close_rel(seen["conv"][1], expected_block, 1e-6)
-    assert seen["bn"][0] is seen["bn"][1] is seen["conv"][0]
+    ref = plain_eval_reference(model)
+    expected_conv = ref.stem[0](x)
+    expected_block = ref.stem[1](expected_conv)
+    expected = ref(x)
+    convbn.convert(model, mode)
+    assert_close_rel(model(x), expected, 1e-6)
+    # a hook observing the conv output makes that block run unfused while it is registered
+    assert_close_rel(seen["conv"], expected_conv, 1e-6)
+    assert_close_rel(seen["bn"][0], expected_conv, 1e-6)
+    assert_close_rel(seen["bn"][1], expected_block, 1e-6)
 
 
-def test_a_hook_that_replaces_the_conv_output_raises_instead_of_folding_wrongly():
+@pytest.mark.parametrize("hook", [lambda m, i, o: o * 2, lambda m, i, o: o.mul_(2)], ids=["replace", "in-place"])
+def test_a_hook_that_changes_the_conv_output_is_honoured(hook):
     model = small_resnet()
+    ref = plain_eval_reference(model)
+    ref.stem[0].register_forward_hook(hook)
+    x = torch.randn(2, 3, 16, 16)
     convbn.convert(model, "tune")
-    model.stem[0].register_forward_hook(lambda m, i, o: o * 2)
-    with pytest.raises(ConvBNError, match="not the output of `stem.0`"):
-        model(torch.randn(2, 3, 16, 16))
+    model.stem[0].register_forward_hook(hook)
+    assert_close_rel(model(x), ref(x), 1e-6)
+
+
+def test_a_norm_pre_hook_that_changes_its_input_in_place_is_honoured():
+    model = small_resnet()
+    ref = plain_eval_reference(model)
+    x = torch.randn(2, 3, 16, 16)
+    for m in (ref, model):
+        if m is model:
+            convbn.convert(model, "tune")
+        m.stem[1].register_forward_pre_hook(lambda mod, i: i[0].add_(1.0))
+    assert_close_rel(model(x), ref(x), 1e-6)
+
+
+class SometimesSkips(nn.Module):
+    """A branch no trace takes (a flag set after conversion) hands the conv output around the BN."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.skip_bn, self.scale_in_place = False, False
+
+    def forward(self, x):
+        y = self.conv(x)
+        if self.scale_in_place:
+            y.mul_(2)
+        return y if self.skip_bn else self.bn(y)
+
+
+def test_a_fused_output_that_skips_the_norm_raises_when_the_owner_returns():
+    model = randomize_all_bn(SometimesSkips())
+    convbn.convert(model, "tune")
+    x = torch.randn(2, 3, 8, 8)
+    model(x)
+    model.skip_bn = True
+    with pytest.raises(ConvBNError, match="was not passed to `bn`"):
+        model(x)
+    model.skip_bn = False  # the failed forward leaves no stale state
+    assert_close_rel(model(x), plain_eval_reference(model)(x), 1e-6)
+
+
+def test_a_fused_output_modified_in_place_before_the_norm_raises():
+    model = randomize_all_bn(SometimesSkips())
+    convbn.convert(model, "tune")
+    model.scale_in_place = True
+    with pytest.raises(ConvBNError, match="modified in place"):
+        model(torch.randn(2, 3, 8, 8))
+
+
+def test_calling_a_converted_conv_outside_its_owner_is_plain_pytorch():
+    model = small_resnet()
+    x = torch.randn(2, 3, 16, 16)
+    expected = model.stem[0](x)
+    convbn.convert(model, "tune")
+    assert_close_rel(model.stem[0](x), expected, 1e-6)  # a feature extractor calling the conv directly
+    assert_close_rel(model(x), plain_eval_reference(model)(x), 1e-6)
 
 
 def test_deepcopy_pickle_save_load_and_to_dtype_work_on_a_converted_model():
@@ -472,15 +536,18 @@ def test_untraceable_model_converts_with_example_inputs_and_errors_clearly_witho
     assert report.method == "dynamic trace" and [r.status for r in report] == ["converted", "converted"]
     ref = plain_eval_reference(model).eval()
     assert_close_rel(model.eval()(x), ref(x), 1e-6)
-    # switching modes later reuses the proven pairs
-    convbn.convert(model, "eval")
+    # switching modes later needs the inputs again: convbn keeps no stale analysis of an earlier trace
+    with pytest.raises(ConvBNError, match="example_inputs"):
+        convbn.convert(model, "eval")
+    assert convbn.report(model).requested_mode == "tune", "a failed convert leaves the model as it was"
+    convbn.convert(model, "eval", example_inputs=(x,))
     assert convbn.report(model).method == "dynamic trace"
 
 
 def test_dynamic_trace_sees_other_users_that_fx_would():
     model = randomize_all_bn(Shared())
     x = torch.randn(2, 4, 6, 6)
-    dyn = convbn.match._dynamic_analysis(model, x)
+    dyn = convbn.analysis._dynamic_analysis(model, x)
     reasons = {c.bn_name: c.reason for c in dyn.candidates}
     assert "called 2 times" in reasons["bn_a"] and "also used by" in reasons["bn_tee"]
 
@@ -565,3 +632,22 @@ def test_tune_saves_what_deploy_saves_and_about_half_of_eval():
     eval_b = saved_tensor_bytes(lambda: evaluated(x))
     assert abs(tune_b / deploy_b - 1) <= 0.005, (tune_b, deploy_b)
     assert tune_b / eval_b <= 0.6, (tune_b, eval_b)
+
+
+def test_a_conv_whose_weight_a_pre_hook_computes_is_not_folded():
+    def pruned(frozen_bn: bool):
+        model = small_resnet()
+        torch.nn.utils.prune.l1_unstructured(model.stem[0], "weight", amount=0.3)  # (cannot be deep-copied)
+        for m in model.modules():
+            if frozen_bn and isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+        return model
+
+    x = torch.randn(2, 3, 16, 16)
+    expected = pruned(frozen_bn=True)(x)
+    for mode in ("tune", "deploy"):
+        m = pruned(frozen_bn=False)
+        convbn.convert(m.eval() if mode == "deploy" else m, mode)
+        row = next(r for r in convbn.report(m) if r.conv == "stem.0")
+        assert row.status == "fallback" and "forward pre-hook" in row.reason
+        assert_close_rel(m(x), expected if mode == "tune" else pruned(frozen_bn=True).eval()(x), 1e-5)

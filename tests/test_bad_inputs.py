@@ -363,11 +363,23 @@ def test_row20_integer_input_is_an_error_in_every_mode_like_plain_pytorch(mode, 
         model.eval()(x)
 
 
-def test_row21_hook_that_replaces_the_conv_output_raises_at_run_time():
-    model = convbn.convert(net(), "tune")
-    model.conv2.register_forward_hook(lambda m, i, o: o.clamp(min=0))
-    with pytest.raises(ConvBNError, match="not the output of `conv2`"):
-        model(X)
+@pytest.mark.parametrize("mode", ["tune", "train-recompute", "train-fission"])
+def test_row21_hooks_that_replace_or_modify_tensors_are_honoured(mode):
+    """A hook observing a tensor inside a block makes that block run unfused while it is registered."""
+    hooks = [("conv2", "forward", lambda m, i, o: o.clamp(min=0)), ("bn2", "pre", lambda m, i: i[0].mul_(0.5)),
+             ("conv2", "forward", lambda m, i, o: o.add_(1.0))]
+    for name, kind, hook in hooks:
+        model, ref = net().train(), net().train()
+        if mode == "tune":
+            ref = eval_reference(ref)  # BNs frozen, the rest in train()
+            convbn.convert(model, "tune")
+        else:
+            convbn.convert(model, "train", **{mode.split("-")[1]: True})
+        for m in (model, ref):
+            target = getattr(m, name)
+            (target.register_forward_hook if kind == "forward" else target.register_forward_pre_hook)(hook)
+        torch.manual_seed(0)
+        assert_close_rel(model(X), ref(X), 1e-5, f"{name} {kind} hook")
 
 
 def test_row22_unbatched_input():
@@ -430,7 +442,7 @@ def _inject(monkeypatch, name, fail_on_call=1, exc=RuntimeError("injected failur
 INJECTION_POINTS = [  # (api function, failing call, target mode): analysis, planning, installing, folding
     *[("analyze", 1, t) for t in ("train", "eval", "tune", "deploy")],
     *[("make_plan", 1, t) for t in ("train", "eval", "tune", "deploy")],
-    ("install", 3, "eval"), ("install", 3, "tune"), ("_fold", 3, "deploy"),
+    ("install", 3, "eval"), ("install", 3, "tune"), ("fold", 3, "deploy"),
 ]
 
 
@@ -492,7 +504,7 @@ def test_failure_inside_the_example_forward_restores_buffers_hooks_and_rng():
 def test_failure_while_deploying_a_copy_leaves_the_original_untouched(monkeypatch):
     model = convbn.convert(net(), "tune")
     snap = snapshot(model)
-    _inject(monkeypatch, "_fold", 2)
+    _inject(monkeypatch, "fold", 2)
     with pytest.raises(RuntimeError, match="injected"):
         convbn.deploy(model)
     assert_unchanged(model, snap)

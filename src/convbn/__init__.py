@@ -10,8 +10,9 @@ from .errors import ConvBNError
 from .export import export_onnx
 from .fold import fold_conv_bn_weights
 from .functions.tune import tune_conv_bn
+from .norms import NormParams, register_norm, unregister_norm
 from .plan import BlockReport, Report
 
 __all__ = ["convert", "revert", "report", "deploy", "export_onnx", "ConvBNError", "Report", "BlockReport",
-           "fold_conv_bn_weights", "tune_conv_bn"]
+           "fold_conv_bn_weights", "tune_conv_bn", "register_norm", "unregister_norm", "NormParams"]
 __version__ = "0.1.0"

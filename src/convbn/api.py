@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 from typing import Any, Callable, List, Optional
 
@@ -11,10 +12,11 @@ from torch import nn
 
 from . import icf
 from .errors import ConvBNError
-from .fold import fold_conv_bn_weights
-from .match import Analysis, analyze
-from .plan import MODES, TRAIN_VARIANTS, BlockReport, Report, make_plan
-from .runtime import INSTALLED_MODES, Block, install, installed_block, uninstall
+from .analysis import analyze
+from .plan import MODES, BlockReport, Report, make_plan
+from .runtime import INSTALLED_MODES, install, installed_block, make_block, uninstall
+from .runtime.deploy import apply_fold, fold
+from .runtime.guard import install_guards, remove_guards
 
 __all__ = ["convert", "revert", "report", "deploy"]
 
@@ -24,8 +26,8 @@ _STATE = "_convbn_state"
 class _State:
     """Kept in the model's ``__dict__`` (not a buffer, not in ``state_dict``)."""
 
-    def __init__(self, report: Report, analysis: Analysis, deployed: List[BlockReport]):
-        self.report, self.analysis, self.deployed = report, analysis, deployed
+    def __init__(self, report: Report, deployed: List[BlockReport]):
+        self.report, self.deployed = report, deployed
 
 
 def _check_model(model: Any, fn: str) -> None:
@@ -139,21 +141,69 @@ def convert(
                         f"{type(filter_fn).__name__}. Example: filter_fn=lambda m, name: name.startswith('backbone.')")
     variant = _train_variant(mode, recompute, fission)
     state = _state(model)
-    try:
-        analysis = analyze(model, example_inputs)
-    except ConvBNError:
-        if example_inputs is None and state is not None and state.analysis.method != "torch.fx":
-            analysis = state.analysis  # pairs proven by an earlier dynamic trace of this model
-        else:
-            raise
+    analysis = analyze(model, example_inputs)
     plan = make_plan(analysis, mode, filter_fn, variant)
-    previously_deployed = list(state.deployed) if state is not None else []
+    previously_deployed = _deployed_rows(model)
     newly_deployed: List[BlockReport] = []
     _apply(model, plan, mode, newly_deployed)
     rows = previously_deployed + [r for _, r in plan]
-    model.__dict__[_STATE] = _State(Report(rows, variant or mode, analysis.method, True, analysis.notes), analysis,
+    model.__dict__[_STATE] = _State(Report(rows, variant or mode, analysis.method, True, analysis.notes),
                                     previously_deployed + newly_deployed)
+    _rescope_submodule_states(model)
     return model
+
+
+def _prefixed(row: BlockReport, prefix: str) -> BlockReport:
+    add = (lambda n: n if n is None else f"{prefix}.{n}") if prefix else (lambda n: n)
+    return dataclasses.replace(row, conv=add(row.conv), bn=add(row.bn))
+
+
+def _deployed_rows(model: nn.Module) -> List[BlockReport]:
+    """Deployed blocks of ``model`` and of every submodule converted on its own, named from ``model``."""
+    rows: List[BlockReport] = []
+    for name, m in model.named_modules():
+        sub = _state(m)
+        if sub is not None:
+            rows += [_prefixed(r, name) for r in sub.deployed if _prefixed(r, name) not in rows]
+    return rows
+
+
+def _rescope_submodule_states(model: nn.Module) -> None:
+    """After converting ``model``, a submodule's own report is the part of this plan under it."""
+    state = _state(model)
+    for name, m in model.named_modules():
+        if not name or _state(m) is None:
+            continue
+        cut = len(name) + 1
+        inside = [dataclasses.replace(r, conv=r.conv[cut:] if r.conv and r.conv.startswith(name + ".") else r.conv,
+                                      bn=r.bn[cut:]) for r in state.report.rows if r.bn.startswith(name + ".")]
+        deployed = [r for r in inside if r.mode == "deploy"]
+        m.__dict__[_STATE] = _State(Report(inside, state.report.requested_mode, state.report.method, True,
+                                           state.report.notes), deployed)
+
+
+def _live(model: nn.Module, report: Report) -> Report:
+    """``report`` with every row checked against what is installed now (a later convert/revert of a
+    submodule may have changed a block)."""
+    modules = dict(model.named_modules())
+    rows, changed = [], False
+    for r in report.rows:
+        bn = modules.get(r.bn)
+        if r.mode == "deploy" or bn is None:
+            rows.append(r)
+            continue
+        block = installed_block(bn)
+        live = block.mode if block is not None else ("train" if r.mode not in INSTALLED_MODES else None)
+        if live is None or (r.mode in INSTALLED_MODES and live != r.mode):
+            live = live or "train"
+            rows.append(dataclasses.replace(r, mode=live, status="skipped" if live == "train" else r.status,
+                                            reason=f"changed by a later convbn.convert/revert of a submodule: runs {live}"))
+            changed = True
+        else:
+            rows.append(r)
+    if not changed:
+        return report
+    return Report(rows, report.requested_mode, report.method, report.applied, report.notes)
 
 
 def _train_variant(mode: str, recompute: Any, fission: Any) -> Optional[str]:
@@ -175,22 +225,22 @@ def _train_variant(mode: str, recompute: Any, fission: Any) -> Optional[str]:
 def _apply(model: nn.Module, plan, mode: str, deployed: List[BlockReport]) -> None:
     """Install the plan; on any failure restore every instance forward and root hook as it was."""
     before = {id(m): (m, m.__dict__.get("forward")) for m in model.modules() if installed_block(m) is not None}
-    before_hooks = icf.root_hooks(model)
     cache = icf.StatsCache() if any(row.mode == "train-fission" for _, row in plan) else None
-    folds = []
+    before_guards = [(m, dict(m._forward_pre_hooks), dict(m._forward_hooks),
+                      dict(getattr(m, "_forward_hooks_always_called", {}))) for m in model.modules()]
+    folds, blocks = [], []
     try:
         for m, _ in before.values():
             uninstall(m)
         icf.remove_root_hooks(model)
+        remove_guards(model)
         for cand, row in plan:
             if row.mode in INSTALLED_MODES:
-                fused_relu = row.mode in TRAIN_VARIANTS and cand.relu is not None
-                block = Block(cand.conv, cand.bn, cand.conv_name, cand.bn_name, row.mode,
-                              cand.relu if fused_relu else None, cand.relu_name if fused_relu else None)
-                block.stats_cache = cache if row.mode == "train-fission" else None
-                install(block)
+                blocks.append(make_block(cand, row.mode, cache))
+                install(blocks[-1])
             elif row.mode == "deploy":
-                folds.append((cand, row, _fold(cand)))
+                folds.append((cand, row, fold(cand)))
+        install_guards(model, blocks)
         if cache is not None:
             icf.install_root_hooks(model, cache)
     except BaseException:
@@ -198,34 +248,16 @@ def _apply(model: nn.Module, plan, mode: str, deployed: List[BlockReport]) -> No
             uninstall(m)
         for m, fwd in before.values():
             m.__dict__["forward"] = fwd
-        icf.remove_root_hooks(model)
-        if before_hooks is not None:
-            icf.install_root_hooks(model, before_hooks.cache)
+        for m, pre, post, always in before_guards:  # hooks exactly as they were (ours and the user's, in order)
+            for table, saved in ((m._forward_pre_hooks, pre), (m._forward_hooks, post),
+                                 (getattr(m, "_forward_hooks_always_called", {}), always)):
+                table.clear()
+                table.update(saved)
         raise
     # Deploy mutations cannot fail past this point: every fold is already computed.
     for cand, row, (weight, bias) in folds:
-        conv = cand.conv
-        conv.weight = nn.Parameter(weight, requires_grad=conv.weight.requires_grad)
-        conv.bias = nn.Parameter(bias, requires_grad=conv.weight.requires_grad)
-        _replace_module(model, cand.bn, nn.Identity())
+        apply_fold(model, cand, weight, bias)
         deployed.append(row)
-
-
-def _fold(cand):
-    conv, bn = cand.conv, cand.bn
-    with torch.no_grad():
-        transposed = bool(getattr(conv, "transposed", False))
-        groups = getattr(conv, "groups", 1)
-        return fold_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var,
-                                    bn.weight if bn.affine else None, bn.bias if bn.affine else None, bn.eps,
-                                    groups=groups, transposed=transposed)
-
-
-def _replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
-    for parent in model.modules():
-        for name, child in list(parent._modules.items()):
-            if child is old:
-                parent._modules[name] = new
 
 
 def revert(model: nn.Module) -> nn.Module:
@@ -240,26 +272,33 @@ def revert(model: nn.Module) -> nn.Module:
         False
     """
     _check_model(model, "revert")
-    state = _state(model)
-    if state is not None and state.deployed:
-        names = ", ".join(f"`{r.conv}`" for r in state.deployed[:5])
+    deployed = _deployed_rows(model)
+    if deployed:
+        names = ", ".join(f"`{r.conv}`" for r in deployed[:5])
         raise ConvBNError(
-            f"cannot revert: {len(state.deployed)} block(s) were deployed ({names}...), which folded their BN into "
+            f"cannot revert: {len(deployed)} block(s) were deployed ({names}...), which folded their BN into "
             f"the conv permanently. Reload the model from a checkpoint, or use convbn.deploy(model) next time: it "
             f"returns a folded copy and leaves the original intact")
     for m in model.modules():
         uninstall(m)
     icf.remove_root_hooks(model)
-    model.__dict__.pop(_STATE, None)
+    remove_guards(model)
+    for m in model.modules():
+        m.__dict__.pop(_STATE, None)
     return model
 
 
-def report(model: nn.Module, mode: str = "tune", *, example_inputs: Any = None,
+def report(model: nn.Module, mode: Optional[str] = None, *, example_inputs: Any = None,
            filter_fn: Optional[Callable[[nn.Module, str], bool]] = None) -> Report:
-    """The plan of ``model``'s conversion: one row per BatchNorm with its layer, mode, status, reason.
+    """The plan of ``model``'s conversion: one row per norm layer with its layer, mode, status, reason.
 
-    For a converted model this is the plan :func:`convert` applied (``mode`` etc. are ignored).
-    For a plain model it is what ``convert(model, mode, ...)`` *would* do, and nothing changes.
+    For a converted model this is the plan :func:`convert` applied (pass no ``mode``, or the applied
+    one). For a plain model it is what ``convert(model, mode or "tune", ...)`` *would* do, and nothing
+    changes (a forward that updates buffers or attributes is undone).
+
+    Raises:
+        ConvBNError: ``mode`` differs from the mode ``model`` is converted to (the report of a converted
+            model is the applied plan; preview another mode on an unconverted copy).
 
     Example:
         >>> import convbn, torch
@@ -270,8 +309,14 @@ def report(model: nn.Module, mode: str = "tune", *, example_inputs: Any = None,
     _check_model(model, "report")
     state = _state(model)
     if state is not None:
-        return state.report
-    mode = _check_mode(mode)
+        applied = state.report.requested_mode
+        if mode is not None and _check_mode(mode) != applied.split("-")[0]:
+            raise ConvBNError(
+                f"report(model, {mode!r}): this model is converted to {applied!r}, and its report is the plan that was "
+                f"applied. Call convbn.report(model) for it, or preview {mode!r} on an unconverted copy: "
+                f"convbn.report(convbn.revert(copy.deepcopy(model)), {mode!r})")
+        return _live(model, state.report)
+    mode = _check_mode(mode if mode is not None else "tune")
     analysis = analyze(model, example_inputs)
     plan = make_plan(analysis, mode, filter_fn)
     return Report([r for _, r in plan], mode, analysis.method, False, analysis.notes)

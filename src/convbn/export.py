@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .api import convert, report, revert
 from .errors import ConvBNError
-from .match import normalize_example_inputs
+from .analysis import normalize_example_inputs
 from .plan import Report
 
 __all__ = ["OnnxExport", "export_onnx", "onnxruntime_outputs"]

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from .errors import ConvBNError
-from .match import Analysis, Candidate
+from .analysis import Analysis, Candidate
+from .norms import check_params
 
 __all__ = ["MODES", "TRAIN_VARIANTS", "BlockReport", "Report", "make_plan"]
 
@@ -22,11 +23,11 @@ FilterFn = Callable[[nn.Module, str], bool]
 
 @dataclass(frozen=True)
 class BlockReport:
-    """One row of the report: a BatchNorm, the layer before it, and what convbn does with them.
+    """One row of the report: a norm layer, the layer before it, and what convbn does with them.
 
     Attributes:
-        conv: qualified name of the Conv/Linear (``None`` if the BN does not follow one).
-        bn: qualified name of the BatchNorm.
+        conv: qualified name of the Conv/Linear (``None`` if the norm does not follow one).
+        bn: qualified name of the norm layer (BatchNorm, FrozenBatchNorm2d, timm BatchNormAct2d, ...).
         kind: e.g. ``"Conv2d->BatchNorm2d"``.
         mode: the mode the block actually runs in.
         status: ``"converted"`` (runs in the requested mode), ``"fallback"`` (runs in another mode
@@ -44,7 +45,7 @@ class BlockReport:
 
 
 class Report:
-    """The plan of a conversion: one :class:`BlockReport` per BatchNorm, printable as a table.
+    """The plan of a conversion: one :class:`BlockReport` per norm layer of the model, printable as a table.
 
     Example:
         >>> import convbn, torch
@@ -75,15 +76,21 @@ class Report:
         return self.by_status("converted")
 
     @property
+    def fallback(self) -> List[BlockReport]:
+        """Rows that run in another mode with the same function (e.g. eval instead of tune)."""
+        return self.by_status("fallback")
+
+    @property
     def skipped(self) -> List[BlockReport]:
-        return [r for r in self.rows if r.status != "converted"]
+        """Rows left as plain PyTorch."""
+        return self.by_status("skipped")
 
     def summary(self) -> str:
         counts = {s: len(self.by_status(s)) for s in ("converted", "fallback", "skipped")}
         head = (f"convbn: mode '{self.requested_mode}'" if self.applied
                 else f"convbn (not converted; what convert(model, '{self.requested_mode}') would do)")
         return (f"{head}: {counts['converted']} converted, {counts['fallback']} fallback, "
-                f"{counts['skipped']} skipped of {len(self.rows)} BatchNorm blocks (found by {self.method})")
+                f"{counts['skipped']} skipped of {len(self.rows)} norm layers (found by {self.method})")
 
     def __str__(self) -> str:
         cols = ("conv", "bn", "kind", "mode", "status", "reason")
@@ -114,11 +121,13 @@ def _call_filter(filter_fn: FilterFn, module: nn.Module, name: str) -> bool:
     return keep
 
 
-def _running_stats_problem(bn: nn.Module, bn_name: str) -> Optional[str]:
-    if not bn.track_running_stats or bn.running_var is None or bn.running_mean is None:
+def _running_stats_problem(cand: Candidate) -> Optional[str]:
+    bn_name = cand.bn_name
+    p = check_params(cand.bn, cand.norm, bn_name)
+    if not getattr(cand.bn, "track_running_stats", True) or p.running_var is None or p.running_mean is None:
         return (f"`{bn_name}` has track_running_stats=False: it always normalizes with batch statistics, which "
                 f"cannot be frozen or folded; it stays plain PyTorch")
-    rv, rm = bn.running_var.detach(), bn.running_mean.detach()
+    rv, rm = p.running_var.detach(), p.running_mean.detach()
     if not bool(torch.isfinite(rv).all()) or not bool(torch.isfinite(rm).all()):
         return (f"`{bn_name}` has non-finite running statistics (NaN/inf), so its eval output would be NaN; "
                 f"reload a good checkpoint or re-estimate the statistics in train mode")
@@ -128,11 +137,17 @@ def _running_stats_problem(bn: nn.Module, bn_name: str) -> Optional[str]:
     return None
 
 
-def _train_variant_row(cand: Candidate, variant: str, custom_bn: bool) -> Tuple[str, str, str]:
+def _linear_rank_reason(cand: Candidate) -> Optional[str]:
+    """Linear -> BatchNorm1d folds only on 2-D input (on 3-D input BatchNorm1d normalizes axis 1)."""
+    if not isinstance(cand.conv, nn.Linear) or cand.layer_output_dim in (None, 2):
+        return None
+    return (f"`{cand.conv_name}` outputs {cand.layer_output_dim}-D tensors: BatchNorm1d then normalizes "
+            f"axis 1, not the Linear's features, so folding would be wrong")
+
+
+def _train_variant_row(cand: Candidate, variant: str) -> Tuple[str, str, str]:
     """(run mode, status, reason) of a block in ``train-recompute`` / ``train-fission``."""
     bn_name = cand.bn_name
-    if custom_bn:
-        return "train", "skipped", cand.reason or f"`{bn_name}` overrides forward(); convbn leaves it alone"
     if isinstance(cand.bn, nn.SyncBatchNorm):
         return "train", "fallback", (f"`{bn_name}` is a SyncBatchNorm: its training statistics are all-reduced across "
                                      f"processes, which {variant} does not do -> runs plain train")
@@ -142,16 +157,16 @@ def _train_variant_row(cand: Candidate, variant: str, custom_bn: bool) -> Tuple[
                                          f"recompute -> runs plain train")
         if cand.reason is not None:
             return "train", "fallback", f"{cand.reason} -> runs plain train"
-        if isinstance(cand.conv, nn.Linear) and cand.layer_output_dim not in (None, 2):
-            return "train", "fallback", (f"`{cand.conv_name}` outputs {cand.layer_output_dim}-D tensors: BatchNorm1d "
-                                         f"then normalizes axis 1, not the Linear's features -> runs plain train")
-    note = f"ReLU `{cand.relu_name}` fused" if cand.relu is not None else ""
+        if _linear_rank_reason(cand):
+            return "train", "fallback", f"{_linear_rank_reason(cand)} -> runs plain train"
+    note = (f"ReLU `{cand.relu_name}` fused" if cand.relu is not None
+            else "its own ReLU fused" if cand.inner_relu is not None else "")
     return variant, "converted", note
 
 
 def make_plan(analysis: Analysis, mode: str, filter_fn: Optional[FilterFn],
               train_variant: Optional[str] = None) -> List[Tuple[Candidate, BlockReport]]:
-    """Decide, for every BatchNorm found, the mode it will run in and why.
+    """Decide, for every norm layer found, the mode it will run in and why.
 
     Requested ``eval``/``tune``/``deploy``: a block that cannot be folded but whose BN has sound
     running statistics runs in ``eval`` (status ``fallback``), so the whole model computes the same
@@ -167,45 +182,54 @@ def make_plan(analysis: Analysis, mode: str, filter_fn: Optional[FilterFn],
         def row(run_mode: str, status: str, reason: str = "") -> None:
             plan.append((cand, BlockReport(conv_name, bn_name, kind, run_mode, status, reason)))
 
+        if cand.norm is None:  # a norm layer convbn does not know (the analysis says why)
+            row("train", "skipped", cand.reason or "")
+            continue
         if filter_fn is not None and not _call_filter(filter_fn, select_module, select_name):
             row("train", "skipped", "not selected by filter_fn")
             continue
-        custom_bn = type(cand.bn).forward is not nn.modules.batchnorm._BatchNorm.forward and \
-            type(cand.bn).forward is not nn.SyncBatchNorm.forward
         if mode == "train":
             if train_variant is None:
                 row("train", "converted")
             else:
-                row(*_train_variant_row(cand, train_variant, custom_bn))
+                row(*_train_variant_row(cand, train_variant))
             continue
-        problem = _running_stats_problem(cand.bn, bn_name)
+        problem = _running_stats_problem(cand)
         if problem:
             row("train", "skipped", problem)
-            continue
-        if custom_bn:
-            row("train", "skipped", cand.reason or f"`{bn_name}` overrides forward(); convbn leaves it alone")
             continue
         if mode == "eval":
             row("eval", "converted")
             continue
         reason = cand.reason
-        if reason is None and mode == "deploy" and isinstance(cand.conv, nn.Linear) and cand.layer_output_dim != 2:
-            reason = (f"Linear->BatchNorm1d `{conv_name}` can only be folded for 2-D input, and without "
-                      f"example_inputs convbn cannot prove the input is 2-D; pass example_inputs")
-            if cand.layer_output_dim is not None:
-                reason = (f"`{conv_name}` outputs {cand.layer_output_dim}-D tensors: BatchNorm1d then normalizes "
-                          f"axis 1, not the Linear's features, so folding would be wrong")
+        if reason is None and isinstance(cand.conv, nn.Linear):
+            reason = _linear_rank_reason(cand)
+            if reason is None and mode == "deploy" and cand.layer_output_dim is None:
+                reason = (f"Linear->BatchNorm1d `{conv_name}` can only be folded for 2-D input, and without "
+                          f"example_inputs convbn cannot prove the input is 2-D; pass example_inputs")
+        if reason is None and mode == "deploy" and _hook_kinds(cand):
+            reason = (f"{_hook_kinds(cand)}; deploy removes the norm (its hooks would be lost) and the conv would see "
+                      f"folded values. Remove the hooks first, or use tune")
         if reason is None and mode == "deploy" and _is_parametrized(cand.conv):
             reason = (f"`{conv_name}`'s weight is parametrized (torch.nn.utils.parametrize); deploy replaces the "
                       f"weight. Call parametrize.remove_parametrizations first, or use tune")
-        if reason is None and mode == "tune" and isinstance(cand.conv, nn.Linear) and cand.layer_output_dim not in (None, 2):
-            reason = (f"`{conv_name}` outputs {cand.layer_output_dim}-D tensors: BatchNorm1d then normalizes "
-                      f"axis 1, not the Linear's features, so folding would be wrong")
         if reason is not None:
             row("eval", "fallback", f"{reason} -> runs in eval mode (same function, no saving)")
             continue
         row(mode, "converted")
     return plan
+
+
+def _hook_kinds(cand: Candidate) -> str:
+    """Which hooks on the block's modules deploy could not keep ('' if none)."""
+    found = []
+    for name, m in ((cand.conv_name, cand.conv), (cand.bn_name, cand.bn)):
+        kinds = [k for k, table in (("forward", m._forward_hooks), ("forward pre", m._forward_pre_hooks),
+                                    ("backward", m._backward_hooks), ("backward pre", m._backward_pre_hooks))
+                 if any(not getattr(h, "_convbn_guard", False) for h in table.values())]
+        if kinds:
+            found.append(f"`{name}` has {'/'.join(kinds)} hooks")
+    return ", ".join(found)
 
 
 def _is_parametrized(module: Optional[nn.Module]) -> bool:

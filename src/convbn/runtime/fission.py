@@ -1,0 +1,50 @@
+"""Train mode with BN Fission-n-Fusion: one-sweep statistics, one normalize(+ReLU) pass, split backward."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor
+
+from ..functions.bn_fission import bn_relu_train, channel_statistics
+from ..norms import uses_batch_stats
+from .base import Block, is_compiling, momentum_of
+
+
+class FissionBlock(Block):
+    """Only the norm (and a fused ``nn.ReLU``) get instance forwards; the conv stays stock."""
+
+    mode = "train-fission"
+    roles = ("bn",)
+
+    def __init__(self, cand, fuse_relu: bool = False, stats_cache=None):
+        super().__init__(cand, fuse_relu)
+        self.stats_cache = stats_cache  # the model's ICF statistics cache (convbn.icf.StatsCache)
+
+    def bn_forward(self, input: Tensor) -> Tensor:
+        # ICF's ConcatRecorder (a TorchFunctionMode) is active during the model's forward; our own
+        # ~100 tensor calls per layer (shape, data_ptr, ...) need not round-trip through it.
+        direct = self.stats_cache is not None and type(input) is Tensor and not is_compiling()
+        self._relu_now = self.relu_fusable()
+        with torch._C.DisableTorchFunction() if direct else contextlib.nullcontext():
+            out = self.after(self.fission(input))
+        if self.relu is not None:
+            self.hand_over(out, fused=self._relu_now, stage=self.bn_name)
+        return out
+
+    def fission(self, input: Tensor) -> Tensor:
+        bn, relu = self.bn, self._relu_now
+        if not uses_batch_stats(bn, self.norm):
+            out = self.eval_norm(input)
+            return out.relu_() if relu else out
+        bn._check_input_dim(input)
+        p = self.params()
+        track = bn.training and bn.track_running_stats
+        stats = None
+        if self.stats_cache is not None and not is_compiling() and input.dim() > 2:
+            stats = self.stats_cache.stats_for(input, channel_statistics)  # ICF: reuse a concat's pieces
+        return bn_relu_train(input, p.weight, p.bias, p.running_mean if track else None,
+                             p.running_var if track else None, bn.num_batches_tracked if track else None,
+                             momentum_of(bn), p.eps, relu=relu, stats=stats)
+

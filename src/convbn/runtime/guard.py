@@ -1,0 +1,88 @@
+"""Run-time guard for what no trace can prove: a fused block output that no next stage takes.
+
+Each block has an *owner*: the lowest module containing its conv, its norm and a fused ReLU. A pre-hook
+and a hook on the owner bracket the owner's forward. Inside it the block fuses; a call of the conv
+(or norm) from outside it -- a user calling ``model.backbone.conv1(x)`` directly -- runs as plain
+PyTorch. When the owner's forward returns, a fused output still waiting for its next stage (a branch
+skipped the norm, the conv output was returned or kept) raises :class:`~convbn.ConvBNError`: the values
+it holds already include the norm, so whoever got them has the wrong numbers. A forward that raised
+leaves no stale state: the next owner call starts clean.
+
+The hooks are found by type (never by handle), so ``deepcopy``, pickling and ``revert`` handle them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List
+
+from torch import nn
+
+from .base import Block
+
+__all__ = ["OwnerEnter", "OwnerExit", "install_guards", "remove_guards"]
+
+
+class OwnerEnter:
+    """Forward pre-hook on an owner: the blocks may fuse; stale state of a failed forward is dropped."""
+
+    _convbn_guard = True
+
+    def __init__(self, blocks: List[Block]):
+        self.blocks = blocks
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        for b in self.blocks:
+            if b._owner_depth == 0:
+                b._pending = None
+            b._owner_depth += 1
+
+
+class OwnerExit:
+    """Forward hook on an owner: every fused output of its blocks must have been taken."""
+
+    _convbn_guard = True
+
+    def __init__(self, blocks: List[Block]):
+        self.blocks = blocks
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        for b in self.blocks:
+            b._owner_depth = max(0, b._owner_depth - 1)
+        for b in self.blocks:
+            if b._owner_depth == 0:
+                b.release()
+
+
+def _owner_name(names: List[str]) -> str:
+    parts = [n.split(".") if n else [] for n in names]
+    common: List[str] = []
+    for level in zip(*parts):
+        if len(set(level)) != 1:
+            break
+        common.append(level[0])
+    # the owner contains the stages, so it is their common parent (never one of the stages itself)
+    if any(len(p) == len(common) for p in parts):
+        common = common[:-1]
+    return ".".join(common)
+
+
+def install_guards(model: nn.Module, blocks: List[Block]) -> None:
+    """Bracket each owner's forward for the blocks that hand a fused output from one module to the next."""
+    by_owner: Dict[str, List[Block]] = {}
+    for b in blocks:
+        stages = [n for n in (b.conv_name if "conv" in b.roles else None, b.bn_name, b.relu_name) if n is not None]
+        if len(stages) < 2:
+            continue
+        by_owner.setdefault(_owner_name(stages), []).append(b)
+    modules = dict(model.named_modules())
+    for name, owned in by_owner.items():
+        owner = modules[name]
+        owner.register_forward_pre_hook(OwnerEnter(owned))
+        owner.register_forward_hook(OwnerExit(owned))
+
+
+def remove_guards(model: nn.Module) -> None:
+    for m in model.modules():
+        for hooks in (m._forward_pre_hooks, m._forward_hooks):
+            for key in [k for k, h in hooks.items() if getattr(h, "_convbn_guard", False)]:
+                del hooks[key]
