@@ -334,6 +334,7 @@ def generate(seed: int, *, simple: bool = False) -> ModelSpec:
             target = rng.choice(("conv", "bn", "relu") if relu_inplace else ("conv", "bn"))
             n = {"conv": len(convs), "bn": len(bns), "relu": len(relu_inplace)}[target]
             hooks.append(HookSpec(target, rng.randrange(n), rng.choice(HOOK_KINDS)))
+    stages, hooks = _legalize(stages, hooks, relu_inplace)
     params: List[Tuple[int, str]] = []
     if _p(rng, 0.2 * k):
         params.append((rng.randrange(len(convs)), rng.choice(PARAM_KINDS)))
@@ -344,6 +345,37 @@ def generate(seed: int, *, simple: bool = False) -> ModelSpec:
                      buffer_reassign=_p(rng, 0.08 * k), buffer_inplace=_p(rng, 0.08 * k),
                      output=rng.choice(("tensor", "tuple", "dict")), flag_arg=flag_arg, flag_attr=flag_attr,
                      simple=simple)
+
+
+INPLACE_RELUS = ("module_inplace", "inplace_", "F_inplace")
+
+
+def _legalize(stages: List[StageSpec], hooks: List[HookSpec], relu_inplace: List[bool]):
+    """Avoid combinations plain PyTorch itself rejects (autograd errors), so few models are wasted:
+    an in-place change of a tensor autograd saved (a ReLU output), or of the output of a module
+    with a full backward hook."""
+    hooks = list(hooks)
+    for i, h in enumerate(hooks):
+        if h.target == "relu" and h.kind == "fwd_inplace":  # ReLU's backward reads its output
+            hooks[i] = replace(h, kind="pre_inplace")
+        elif h.target == "relu" and h.kind.startswith("bwd") and relu_inplace[h.index]:
+            hooks[i] = replace(h, kind="fwd_record")
+        elif h.target == "conv" and h.kind == "pre_inplace":
+            # the input of a conv is a ReLU output except in stage 0 or after a residual sum
+            if any(j > 0 and s.conv == h.index and not stages[j - 1].residual and stages[j - 1].relu != "none"
+                   for j, s in enumerate(stages)):
+                hooks[i] = replace(h, kind="pre_replace")
+        elif h.target == "bn" and h.kind == "pre_inplace" and any(s.bn2 == h.index for s in stages):
+            hooks[i] = replace(h, kind="pre_replace")  # the first BN saved the conv output for backward
+    bwd = [(h.target, h.index) for h in hooks if h.kind.startswith("bwd")]
+    fixed = []
+    for s in stages:
+        bns = {s.bn, s.bn2, s.other_bn if s.branch_effect == "other_bn" else None}
+        hooked = any((t == "bn" and i in bns) or (t == "conv" and i == s.conv) for t, i in bwd)
+        if hooked and s.relu in INPLACE_RELUS:
+            s = replace(s, relu="F", relu_module=None)  # no in-place op on a backward-hooked module's output
+        fixed.append(s)
+    return fixed, hooks
 
 
 def randomize_bn(bn: nn.Module, g: torch.Generator) -> None:

@@ -101,7 +101,7 @@ def _records(model: nn.Module) -> List[List[Optional[torch.Tensor]]]:
     return out
 
 
-def step(model: nn.Module, spec: ModelSpec, k: int, x: torch.Tensor, flag: bool, training: bool, semantics: str,
+def step(model: nn.Module, spec: Optional[ModelSpec], k: int, x: torch.Tensor, flag: bool, training: bool, semantics: str,
          reference: bool, sgd: bool) -> Snap:
     """One forward + backward (+ SGD step). ``semantics`` only shapes a reference: convbn's model
     gets ``model.train(training)`` and nothing else."""
@@ -110,10 +110,11 @@ def step(model: nn.Module, spec: ModelSpec, k: int, x: torch.Tensor, flag: bool,
         for m in model.modules():
             if isinstance(m, _BatchNorm):
                 m.eval()
-    model.flag = flag
+    if spec is not None and spec.flag_attr:
+        model.flag = flag
     torch.manual_seed(1000 + k)
     xin = x.clone().requires_grad_(True)
-    out = model(xin, flag=flag) if spec.flag_arg else model(xin)
+    out = model(xin, flag=flag) if spec is not None and spec.flag_arg else model(xin)
     outs = _flatten(out)
     feats = model.features() if hasattr(model, "features") else {}
     outs += [(f"features()[{n!r}]", t) for n, t in sorted(feats.items())]
