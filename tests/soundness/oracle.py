@@ -38,7 +38,11 @@ SEMANTICS = {"train": "train", "train-recompute": "train", "train-fission": "tra
 STEPS = 3
 LR = 1e-3
 RTOL = 1e-7  # float64, relative to each tensor's largest value
-FLOOR = 1e-6  # ... floored at this fraction of the step's largest output / gradient (analytic zeros)
+FLOOR = 1e-6  # ... floored at this fraction of the step's largest output (analytic zeros)
+# Gradients that are zero in exact arithmetic (a conv bias before a batch-statistics BN) come out as
+# cancellation round-off up to ~2e-13 of the step's largest gradient after a few SGD steps (seen:
+# seed 312, train-fission): their floor is 1e-4 of it, i.e. an absolute tolerance of 1e-11 x that.
+GRAD_FLOOR = 1e-4
 
 
 class Mismatch(Exception):
@@ -194,11 +198,11 @@ def compare(got: Snap, ref: Snap, k: int, deploy: bool) -> None:
     floor = FLOOR * _scale([t for _, t in ref.outputs])
     for (n, a), (_, e) in zip(got.outputs, ref.outputs):
         _cmp("output", f"step {k} {n}", a, e, floor)
-    _cmp("input grad", f"step {k} input.grad", got.input_grad, ref.input_grad, FLOOR * _scale([ref.input_grad]))
+    _cmp("input grad", f"step {k} input.grad", got.input_grad, ref.input_grad, GRAD_FLOOR * _scale([ref.input_grad]))
     if not deploy:
         if set(got.grads) != set(ref.grads):
             raise Mismatch("grad", f"step {k}: parameter names differ: {sorted(set(got.grads) ^ set(ref.grads))}")
-        floor = FLOOR * _scale(ref.grads.values())
+        floor = GRAD_FLOOR * _scale(ref.grads.values())
         for n, e in ref.grads.items():
             _cmp("grad", f"step {k} {n}.grad", got.grads[n], e, floor)
     extra = set(got.buffers) - set(ref.buffers)

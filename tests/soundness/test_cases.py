@@ -170,11 +170,17 @@ def test_item01_second_consumer_only_in_train(mode, convert_in_train):
 
 # ------------------------------------------------------------------------------------ item 2
 class ReturnsConv(nn.Module):
-    def __init__(self, c: int = 4):
+    """Returns the conv output next to bn(y). ``untraceable``: data-dependent control flow elsewhere
+    makes torch.fx fail, so only the dynamic trace on example_inputs can see the data flow."""
+
+    def __init__(self, c: int = 4, untraceable: bool = False):
         super().__init__()
+        self.untraceable = untraceable
         self.conv, self.bn = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
 
     def forward(self, x):
+        if self.untraceable and x.sum() < -1e9:
+            x = -x
         y = self.conv(x)
         return self.bn(y), y
 
@@ -182,12 +188,14 @@ class ReturnsConv(nn.Module):
 class StashesConv(nn.Module):
     """A distillation / feature loss reads ``model.feat`` (the conv output) after forward."""
 
-    def __init__(self, c: int = 4, what: str = "conv"):
+    def __init__(self, c: int = 4, what: str = "conv", untraceable: bool = False):
         super().__init__()
-        self.what = what
+        self.what, self.untraceable = what, untraceable
         self.conv, self.bn, self.relu = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU()
 
     def forward(self, x):
+        if self.untraceable and x.sum() < -1e9:
+            x = -x
         y = self.conv(x)
         z = self.bn(y)
         self.feat = y if self.what == "conv" else z
@@ -212,19 +220,26 @@ class BranchSkips(nn.Module):
         return self.relu(self.bn(y))
 
 
+TRACES = ("fx", "fx+example", "example only")  # example only: fx cannot trace the model
+
+
+def _trace_args(trace: str):
+    return dict(untraceable=trace == "example only"), ((_inputs()[0][0],) if "example" in trace else None)
+
+
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("example", (False, True))
-def test_item02_conv_output_returned(mode, example):
-    m = _prepare(ReturnsConv())
-    judge(m, mode, _inputs(), example_inputs=(_inputs()[0][0],) if example else None)
+@pytest.mark.parametrize("trace", TRACES)
+def test_item02_conv_output_returned(mode, trace):
+    kw, ex = _trace_args(trace)
+    judge(_prepare(ReturnsConv(**kw)), mode, _inputs(), example_inputs=ex)
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("what", ("conv", "bn"))
-@pytest.mark.parametrize("example", (False, True))
-def test_item02_output_stashed_on_self(mode, what, example):
-    m = _prepare(StashesConv(what=what))
-    judge(m, mode, _inputs(), example_inputs=(_inputs()[0][0],) if example else None)
+@pytest.mark.parametrize("trace", TRACES)
+def test_item02_output_stashed_on_self(mode, what, trace):
+    kw, ex = _trace_args(trace)
+    judge(_prepare(StashesConv(what=what, **kw)), mode, _inputs(), example_inputs=ex)
 
 
 @pytest.mark.parametrize("mode", MODES)
