@@ -105,8 +105,8 @@ def _records(model: nn.Module) -> List[List[Optional[torch.Tensor]]]:
     return out
 
 
-def step(model: nn.Module, spec: Optional[ModelSpec], k: int, x: torch.Tensor, flag: bool, training: bool, semantics: str,
-         reference: bool, sgd: bool) -> Snap:
+def step(model: nn.Module, spec: Optional[ModelSpec], k: int, x: torch.Tensor, flag: bool, training: bool,
+         semantics: str, reference: bool, sgd: bool) -> Snap:
     """One forward + backward (+ SGD step). ``semantics`` only shapes a reference: convbn's model
     gets ``model.train(training)`` and nothing else."""
     model.train(training and semantics != "deploy")

@@ -22,8 +22,18 @@ from torch.nn.utils import parametrize, prune
 import convbn
 
 from .generators import NoisyWeight, Recorder, randomize_bn
-from .oracle import (MODES, SEMANTICS, Mismatch, _check_untouched, _convert_args, _records, buffers_of, compare,
-                     names_a_module, step)
+from .oracle import (
+    MODES,
+    SEMANTICS,
+    Mismatch,
+    _check_untouched,
+    _convert_args,
+    _records,
+    buffers_of,
+    compare,
+    names_a_module,
+    step,
+)
 
 TRAIN_VARIANTS = ("train-recompute", "train-fission")
 RUN_MODES = ("train-recompute", "train-fission", "eval", "tune")  # modes that install forwards
@@ -44,7 +54,8 @@ def _prepare(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-def _inputs(schedule=(True, False, True), shape=(3, 4, 5, 5), seed=0, signs=None) -> List[Tuple[torch.Tensor, bool, bool]]:
+def _inputs(schedule=(True, False, True), shape=(3, 4, 5, 5), seed=0,
+            signs=None) -> List[Tuple[torch.Tensor, bool, bool]]:
     g = torch.Generator().manual_seed(seed)
     out = []
     for k, training in enumerate(schedule):

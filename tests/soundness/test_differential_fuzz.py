@@ -26,8 +26,18 @@ import torch
 
 import convbn
 
-from .generators import (BRANCH_CONDS, BRANCH_EFFECTS, HOOK_KINDS, PARAM_KINDS, PATTERN_NAMES, RELUS, build, generate,
-                         make_inputs, patterns_of)
+from .generators import (
+    BRANCH_CONDS,
+    BRANCH_EFFECTS,
+    HOOK_KINDS,
+    PARAM_KINDS,
+    PATTERN_NAMES,
+    RELUS,
+    build,
+    generate,
+    make_inputs,
+    patterns_of,
+)
 from .oracle import MODES, SEMANTICS, STEPS, Outcome, fuzz_one, references, run_case, table
 
 N_MODELS = int(os.environ.get("CONVBN_FUZZ_MODELS", "1000"))
@@ -59,6 +69,7 @@ def _failure_report(outcomes: List[Outcome], limit: int = 12) -> str:
     return "\n".join(lines)
 
 
+@pytest.mark.slow  # ~100 s CPU for all six modes together (measured: 1,000 models, ~17 ms per case)
 @pytest.mark.parametrize("mode", MODES)
 def test_fuzz_equal_or_convbn_error(mode: str) -> None:
     results = fuzz_results()
