@@ -397,16 +397,18 @@ def fuzz_one(seed: int, modes=MODES) -> List[Outcome]:
 
 def table(outcomes: List[Outcome]) -> str:
     """Per-mode outcome counts, then every failure kind with its count and first seeds."""
-    lines = [f"{'mode':<16} {'models':>6} {'equal':>6} {'ConvBNError':>11} {'FAILED':>6} {'invalid':>7} "
-             f"{'blocks conv.':>12} {'cpu ms/case':>11}"]
+    lines = [f"{'mode':<16} {'models':>6} {'equal':>6} {'ConvBNError at convert / run':>28} {'FAILED':>6} "
+             f"{'invalid':>7} {'blocks conv.':>12} {'cpu ms/case':>11}"]
     kinds: Dict[Tuple[str, str], List[int]] = {}
     for mode in MODES:
         os_ = [o for o in outcomes if o.mode == mode]
         if not os_:
             continue
         c = {s: sum(o.status == s for o in os_) for s in ("equal", "error", "FAILED", "invalid")}
+        at_convert = sum(o.status == "error" and o.kind == "convert" for o in os_)
+        errors = f"{at_convert} / {c['error'] - at_convert}"
         cpu = 1000 * sum(o.cpu for o in os_) / len(os_)
-        lines.append(f"{mode:<16} {len(os_):>6} {c['equal']:>6} {c['error']:>11} {c['FAILED']:>6} {c['invalid']:>7} "
+        lines.append(f"{mode:<16} {len(os_):>6} {c['equal']:>6} {errors:>28} {c['FAILED']:>6} {c['invalid']:>7} "
                      f"{sum(o.converted for o in os_):>12} {cpu:>11.1f}")
         for o in os_:
             if o.status == "FAILED":
