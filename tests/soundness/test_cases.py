@@ -461,6 +461,8 @@ def test_crash_full_backward_hook_on_converted_module(mode, target, kind):
 @pytest.mark.parametrize("mode", MODES)
 def test_crash_torch_jit_script_of_converted_model(mode):
     m = _prepare(Chain())
+    del m.recorders  # a plain attribute TorchScript cannot type
+    torch.jit.script(copy.deepcopy(m))  # the plain model scripts (else this test would be void)
     ref = copy.deepcopy(m)
     c = copy.deepcopy(m).train()
     base, flags = _convert_args(mode)

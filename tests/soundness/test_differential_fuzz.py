@@ -60,6 +60,11 @@ def fuzz_results() -> Dict[str, List[Outcome]]:
     return {mode: [o for o in outcomes if o.mode == mode] for mode in MODES}
 
 
+def _may_fall_back(o: Outcome) -> bool:
+    """Documented fallback: deploy folds Linear->BatchNorm1d only when example_inputs prove 2-D input."""
+    return o.mode == "deploy" and generate(o.seed).family == "linear" and not o.options["example_inputs"]
+
+
 def _failure_report(outcomes: List[Outcome], limit: int = 12) -> str:
     lines = []
     for o in [o for o in outcomes if o.status == "FAILED"][:limit]:
@@ -79,7 +84,7 @@ def test_fuzz_equal_or_convbn_error(mode: str) -> None:
     assert len(invalid) <= 0.05 * N_MODELS, f"the generator draws too many models plain PyTorch rejects: {invalid[:3]}"
     # a plain chain of blocks (one model in ten) must convert and compute exactly: the fuzz is not vacuous
     simple = [o for o in outcomes if generate(o.seed).simple]
-    bad_simple = [o for o in simple if o.status != "equal" or o.converted == 0]
+    bad_simple = [o for o in simple if o.status != "equal" or (o.converted == 0 and not _may_fall_back(o))]
     failed = [o for o in outcomes if o.status == "FAILED"]
     assert not failed and not bad_simple, (
         f"{mode}: {len(failed)} of {len(outcomes)} models FAILED (neither equal to plain PyTorch nor a ConvBNError "
