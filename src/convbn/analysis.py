@@ -83,6 +83,7 @@ class Candidate:
     relu_name: Optional[str] = None  # an nn.ReLU module that is the norm output's only user (fusable)
     relu: Optional[nn.Module] = None
     inner_relu: Optional[nn.Module] = None  # the norm's own activation (timm act), if a fusable nn.ReLU
+    proven_by: str = "torch.fx"  # or "dynamic trace": only a run on example_inputs saw this block
 
     @property
     def kind(self) -> str:
@@ -533,6 +534,9 @@ def _dynamic_run(model: nn.Module, args, kwargs, training: bool) -> _Run:
                  if getattr(m.__dict__.get("forward"), "_convbn_installed", False)}
     try:
         model.train(training)
+        for m in model.modules():  # batch statistics are not data flow, and need more than one value per channel
+            if norm_type(m) is not None:
+                m.training = False
         with torch.random.fork_rng(devices=[]), torch.no_grad(), _UseRecorder(tracked, active, other_uses):
             result = model(*args, **kwargs)
         kept = [("the model's return value", v) for v in _flat_values(_as_containers(result))]
@@ -586,6 +590,7 @@ def _dynamic_analysis(model: nn.Module, example_inputs: Any) -> Analysis:
     candidates: List[Candidate] = []
     for name, m in _norm_layers(model):
         cand = _norm_candidate(name, m)
+        cand.proven_by = "dynamic trace"
         candidates.append(cand)
         if cand.norm is None:
             continue

@@ -103,6 +103,13 @@ class Block:
                     f"trace did not see) changed the data flow. Exclude this block with filter_fn, or "
                     f"convbn.revert(model)")
             return False  # a plain tensor (unfused call, or the norm used on its own): run the stage as usual
+        expected = self.conv_name if who == self.bn_name else self.bn_name
+        if fused and self._pending_stage != expected:
+            self._pending = None
+            raise ConvBNError(
+                f"`{who}` received the output of `{self._pending_stage}` directly, skipping `{expected}` (a branch the "
+                f"trace did not see). In {self.mode} mode that output already holds `{expected}`'s result, so `{who}` "
+                f"would see the wrong values. Exclude this block with filter_fn, or use mode 'eval' / plain 'train'")
         if fused and not is_compiling() and input._version != self._pending_version:
             self._pending = None
             raise ConvBNError(
@@ -230,7 +237,24 @@ def momentum_of(bn: nn.Module) -> Optional[float]:
     return None if bn.momentum is None else float(bn.momentum)
 
 
-class InstalledForward:
+class ScriptingError(ConvBNError, AttributeError):
+    """Also an AttributeError, so ``getattr(fn, "__code__", None)`` probes (torch.fx, inspect) still work."""
+
+
+class NotScriptable:
+    """convbn's callables on a module (instance forwards, guard hooks): torch.jit.script inspects them as
+    Python functions; say what to do instead of failing on a missing attribute."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("__globals__", "__code__", "__closure__"):
+            raise ScriptingError(
+                "torch.jit.script cannot compile convbn's installed forwards. Script a folded copy instead "
+                "(torch.jit.script(convbn.deploy(model))), or convbn.revert(model) first; torch.compile works on "
+                "converted models")
+        raise AttributeError(name)
+
+
+class InstalledForward(NotScriptable):
     """Picklable callable set as ``module.forward`` on the instance; ``role`` is conv, bn or relu."""
 
     _convbn_installed = True
@@ -247,15 +271,6 @@ class InstalledForward:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Tensor:
         return self._fn(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        # torch.jit.script inspects a module's forward as a Python function; say what to do instead
-        if name in ("__globals__", "__code__", "__closure__"):
-            raise ConvBNError(
-                "torch.jit.script cannot compile convbn's installed forwards. Script a folded copy instead "
-                "(torch.jit.script(convbn.deploy(model))), or convbn.revert(model) first; torch.compile works on "
-                "converted models")
-        raise AttributeError(name)
 
     def __repr__(self) -> str:
         return f"<convbn {self.block.mode} forward of `{getattr(self.block, self.role + '_name')}`>"

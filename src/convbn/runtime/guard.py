@@ -17,15 +17,16 @@ from typing import Any, Dict, List
 
 from torch import nn
 
-from .base import Block
+from .base import Block, NotScriptable
 
 __all__ = ["OwnerEnter", "OwnerExit", "install_guards", "remove_guards"]
 
 
-class OwnerEnter:
+class OwnerEnter(NotScriptable):
     """Forward pre-hook on an owner: the blocks may fuse; stale state of a failed forward is dropped."""
 
     _convbn_guard = True
+    __name__ = "convbn_owner_enter"
 
     def __init__(self, blocks: List[Block]):
         self.blocks = blocks
@@ -37,10 +38,11 @@ class OwnerEnter:
             b._owner_depth += 1
 
 
-class OwnerExit:
+class OwnerExit(NotScriptable):
     """Forward hook on an owner: every fused output of its blocks must have been taken."""
 
     _convbn_guard = True
+    __name__ = "convbn_owner_exit"
 
     def __init__(self, blocks: List[Block]):
         self.blocks = blocks
