@@ -239,11 +239,11 @@ def _frozen_bn(kind: str):
 
 
 # Small detector settings: float64 in train() must stay fast. Every proposal/sampling count is cut down.
-_RCNN_KW = dict(min_size=128, max_size=160, rpn_pre_nms_top_n_train=200, rpn_post_nms_top_n_train=100,
+_RCNN_KW = dict(min_size=96, max_size=128, rpn_pre_nms_top_n_train=200, rpn_post_nms_top_n_train=100,
                 rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=50, rpn_batch_size_per_image=64,
                 box_batch_size_per_image=32, box_detections_per_img=20, num_classes=11)
-_ONE_STAGE_KW = dict(min_size=128, max_size=160, detections_per_img=20, topk_candidates=100, num_classes=11)
-_DET_SIZES = [(128, 160), (144, 128)]
+_ONE_STAGE_KW = dict(min_size=96, max_size=128, detections_per_img=20, topk_candidates=100, num_classes=11)
+_DET_SIZES = [(96, 128), (112, 96)]
 
 
 def _resnet_fpn_backbone(norm: str, trainable_layers: int, retina: bool):
@@ -315,8 +315,8 @@ def _ssdlite320_mobilenet_v3_large(norm: str):
         model = torchvision.models.detection.ssdlite320_mobilenet_v3_large(
             weights=None, weights_backbone=None, num_classes=11, norm_layer=norm_layer,
             detections_per_img=20, topk_candidates=100)
-        # The builder fixes 320x320; 160 keeps float64 fast (the anchors follow the feature maps).
-        model.transform.min_size, model.transform.max_size, model.transform.fixed_size = (160,), 160, (160, 160)
+        # The builder fixes 320x320; 128 keeps float64 fast (the anchors follow the feature maps).
+        model.transform.min_size, model.transform.max_size, model.transform.fixed_size = (128,), 128, (128, 128)
         return model
     return build
 
@@ -332,10 +332,14 @@ def _detector_case(name: str, build, masks: bool = False) -> ZooCase:
     return ZooCase(name, "detection", "torchvision", build, train_args, eval_args, detector=True)
 
 
-def _timm(name: str, frozen: bool = False, **kw) -> Callable[[], nn.Module]:
+def _timm(name: str, frozen: bool = False, sync: bool = False, **kw) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
         import timm
         model = timm.create_model(name, pretrained=False, **kw)
+        if sync:
+            # BatchNormAct2d -> SyncBatchNormAct (its train() forward needs a process group: frozen, it must not)
+            from timm.layers import convert_sync_batchnorm
+            model = convert_sync_batchnorm(model)
         if frozen:
             # timm's own way to freeze: BatchNorm2d -> timm FrozenBatchNorm2d, BatchNormAct2d -> FrozenBatchNormAct2d
             from timm.layers import freeze_batch_norm_2d
@@ -371,7 +375,9 @@ def _cases() -> List[ZooCase]:
         ZooCase("tv:shufflenet_v2_x1_0", "classification", "torchvision", _tv_classifier("shufflenet_v2_x1_0"),
                 small, small),
         ZooCase("tv:mnasnet1_0", "classification", "torchvision", _tv_classifier("mnasnet1_0"), small, small),
-        # The aux head needs 299 px (its 5x5 conv runs on a 17x17 map pooled by 5/3).
+        # The aux head needs 299 px (its 5x5 conv runs on a 17x17 map pooled by 5/3). Batch 2: convert's
+        # dynamic trace runs the model as it is, in train(), where a BN on the aux head's 1x1 map needs
+        # more than one value per channel.
         ZooCase("tv:inception_v3(aux)", "classification", "torchvision",
                 _tv_classifier("inception_v3", aux_logits=True, init_weights=False),
                 _image_batch(2, 299), _image_batch(2, 299)),
@@ -404,6 +410,8 @@ def _cases() -> List[ZooCase]:
     cases += [
         ZooCase("timm-frozen:efficientnet_b0", "timm", "timm", _timm("efficientnet_b0", frozen=True), small, small),
         ZooCase("timm-frozen:resnet26d", "timm", "timm", _timm("resnet26d", frozen=True), small, small),
+        ZooCase("timm-sync:mobilenetv3_large_100", "timm", "timm", _timm("mobilenetv3_large_100", sync=True),
+                small, small),
     ]
     return cases
 
@@ -414,10 +422,14 @@ ZOO_BY_NAME: Dict[str, ZooCase] = {c.name: c for c in ZOO}
 
 def layer_followed_norms(model: nn.Module, args: Tuple[Any, ...], seed: int = 0) -> Dict[str, Optional[str]]:
     """Which norm layers follow a Conv/Linear, found independently of convbn: run a deep copy once
-    (no_grad, train/eval as the model is) with hooks; a norm follows a layer when its first call's input
-    *is* that layer's output object. Returns norm name -> layer name (None: follows no layer or never ran)."""
+    (no_grad, train/eval as the model is, its norm layers in eval) with hooks; a norm follows a layer when
+    its first call's input *is* that layer's output object. Returns norm name -> layer name (None: follows
+    no layer or never ran)."""
     import copy
     m = copy.deepcopy(model)
+    for mod in m.modules():
+        if is_norm(mod):
+            mod.eval()
     names = {id(mod): n for n, mod in m.named_modules()}
     outputs: Dict[int, Tuple[str, torch.Tensor]] = {}
     found: Dict[str, Optional[str]] = {n: None for n in norm_modules(m)}
