@@ -57,8 +57,8 @@ def _ids(case: ZooCase) -> str:
 @pytest.fixture(scope="module", params=ZOO, ids=_ids)
 def zoo(request) -> ZooModel:
     case: ZooCase = request.param
-    if not case.available:
-        pytest.skip(f"{case.requires} is not importable in this environment (the zoo runs in the torch 2.14.1 leg)")
+    if case.unavailable:
+        pytest.skip(f"{case.unavailable}: the zoo runs in the torch 2.14.1 + torchvision + timm leg")
     # One intra-op thread: on a shared 2-core machine two OpenMP threads spin-wait for each other and a
     # float64 forward+backward took 10-100x longer (CPU time) than with one; on a quiet machine one
     # thread costs at most 2x.

@@ -11,6 +11,8 @@ subclasses, any class named ``FrozenBatchNorm2d`` (torchvision, timm, detectron2
 
 from __future__ import annotations
 
+import functools
+import importlib
 import importlib.util
 import math
 from dataclasses import dataclass, field
@@ -23,8 +25,18 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
-HAS_TIMM = importlib.util.find_spec("timm") is not None
+
+
+@functools.lru_cache(maxsize=None)
+def importable(package: str) -> Optional[str]:
+    """None if ``package`` imports, else why not (an installed but broken build counts as missing)."""
+    if importlib.util.find_spec(package) is None:
+        return f"{package} is not installed"
+    try:
+        importlib.import_module(package)
+    except Exception as e:  # noqa: BLE001 - e.g. a torchvision built for another torch
+        return f"{package} does not import ({type(e).__name__}: {e})"
+    return None
 
 NORM_CLASS_NAMES = frozenset({"FrozenBatchNorm2d", "BatchNormAct2d", "FrozenBatchNormAct2d", "SyncBatchNormAct"})
 LAYER_TYPES = (_ConvNd, nn.Linear)
@@ -163,8 +175,9 @@ class ZooCase:
     notes: List[str] = field(default_factory=list)
 
     @property
-    def available(self) -> bool:
-        return HAS_TIMM if self.requires == "timm" else HAS_TORCHVISION
+    def unavailable(self) -> Optional[str]:
+        """Why this case cannot run here, or None. timm cases need torchvision too (timm imports it)."""
+        return importable("torchvision") or (importable("timm") if self.requires == "timm" else None)
 
     def model(self) -> nn.Module:
         """A fresh float64 model with random norm statistics, in train()."""
