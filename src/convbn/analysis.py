@@ -384,6 +384,12 @@ def _fx_analysis(model: nn.Module) -> Analysis:
         if not seen:
             cand.reason = (f"`{name}` is not called in forward (in train() or eval()), so there is nothing to convert")
             continue
+        relus = {t.relu_of.get(name) for t in seen}
+        if len(relus) == 1:
+            relu = relus.pop()
+            if relu is not None and calls.get(relu, 0) == 1 and calls.get(name, 0) == 1:
+                _set_relu(cand, relu, modules[relu])
+        cand.inner_relu = fusable_relu(m, cand.norm) if calls.get(name, 0) == 1 else None
         sources = {t.norm_input[name] for t in seen}
         if None in sources:
             desc = next(t.norm_input_desc[name] for t in seen if t.norm_input[name] is None)
@@ -410,12 +416,6 @@ def _fx_analysis(model: nn.Module) -> Analysis:
                            f"un-normalized values, so the norm cannot be folded into it")
         else:
             cand.reason = _structural_reason(cand.conv, conv_name, m, name, cand.norm)
-        relus = {t.relu_of.get(name) for t in seen}
-        if len(relus) == 1:
-            relu = relus.pop()
-            if relu is not None and calls.get(relu, 0) == 1 and calls.get(name, 0) == 1:
-                _set_relu(cand, relu, modules[relu])
-        cand.inner_relu = fusable_relu(m, cand.norm)
     return Analysis(candidates, "torch.fx", notes)
 
 
@@ -598,6 +598,14 @@ def _dynamic_analysis(model: nn.Module, example_inputs: Any) -> Analysis:
         if not seen:
             cand.reason = (f"`{name}` was not called when the model ran on example_inputs, so its input is unknown")
             continue
+        norm_calls = max(r.calls.get(name, 0) for r in runs)
+        relus = {r.relu_of.get(name) for r in seen}
+        norm_other = [u for r in runs for u in r.norm_other.get(name, [])]
+        if len(relus) == 1 and not norm_other:
+            relu = relus.pop()
+            if relu is not None and max(r.calls.get(relu, 0) for r in runs) == 1 and norm_calls == 1:
+                _set_relu(cand, relu, modules[relu])
+        cand.inner_relu = fusable_relu(m, cand.norm) if norm_calls == 1 else None
         sources = {r.norm_input[name] for r in seen}
         if None in sources or len(sources) > 1:
             cand.reason = (f"the input of `{name}` is not (always) the output of one Conv/Linear module, so there is "
@@ -620,13 +628,6 @@ def _dynamic_analysis(model: nn.Module, example_inputs: Any) -> Analysis:
                            f"which must see the un-normalized values, so the norm cannot be folded into it")
         else:
             cand.reason = _structural_reason(cand.conv, conv_name, m, name, cand.norm)
-        relus = {r.relu_of.get(name) for r in seen}
-        norm_other = [u for r in runs for u in r.norm_other.get(name, [])]
-        if len(relus) == 1 and not norm_other:
-            relu = relus.pop()
-            if relu is not None and max(r.calls.get(relu, 0) for r in runs) == 1 and calls[name] == 1:
-                _set_relu(cand, relu, modules[relu])
-        cand.inner_relu = fusable_relu(m, cand.norm)
     return Analysis(candidates, "dynamic trace", notes)
 
 

@@ -128,6 +128,8 @@ def _running_stats_problem(cand: Candidate) -> Optional[str]:
         return (f"`{bn_name}` has track_running_stats=False: it always normalizes with batch statistics, which "
                 f"cannot be frozen or folded; it stays plain PyTorch")
     rv, rm = p.running_var.detach(), p.running_mean.detach()
+    if rv.device.type == "meta":  # no values to check (and no host sync)
+        return None
     if not bool(torch.isfinite(rv).all()) or not bool(torch.isfinite(rm).all()):
         return (f"`{bn_name}` has non-finite running statistics (NaN/inf), so its eval output would be NaN; "
                 f"reload a good checkpoint or re-estimate the statistics in train mode")
