@@ -8,8 +8,9 @@ handed to them.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -17,7 +18,8 @@ from torch import Tensor
 from ..errors import ConvBNError
 
 __all__ = ["ConvSpec", "autocast_dtype", "layer", "channel_view", "threads", "ptr", "plain_host_tensor",
-           "InputDTypeError", "check_input_dtype", "has_values"]
+           "InputDTypeError", "check_input_dtype", "has_values", "is_functorch_wrapped",
+           "TorchFuncBufferError", "running_stats_update"]
 
 
 @dataclass(frozen=True)
@@ -83,7 +85,7 @@ def ptr(t: Optional[Tensor]) -> Optional[int]:
     return None if t is None else t.data_ptr()
 
 
-def _is_functorch_wrapped(t: Tensor) -> bool:
+def is_functorch_wrapped(t: Tensor) -> bool:
     try:
         return torch._C._functorch.is_functorch_wrapped_tensor(t)
     except AttributeError:  # pragma: no cover - very old torch
@@ -94,7 +96,7 @@ def plain_host_tensor(t: Tensor) -> bool:
     """Whether ``t`` is an ordinary CPU tensor whose memory a C++ kernel may read through
     ``data_ptr()``: not a subclass, not a ``torch.func`` wrapper (vmap's batched tensors), not an
     inference tensor of another device, not ``meta``."""
-    return type(t) in (Tensor, torch.nn.Parameter) and t.device.type == "cpu" and not _is_functorch_wrapped(t)
+    return type(t) in (Tensor, torch.nn.Parameter) and t.device.type == "cpu" and not is_functorch_wrapped(t)
 
 
 class InputDTypeError(ConvBNError, TypeError):
@@ -120,4 +122,27 @@ def check_input_dtype(who: str, x: Tensor, weight: Tensor, autocast: Optional[to
 def has_values(t: Tensor) -> bool:
     """Whether ``t``'s values may be read on the host or written through ``out=``: not ``meta``, not a
     ``torch.func`` wrapper (``vmap`` forbids data-dependent control flow on batched tensors)."""
-    return t.device.type != "meta" and not _is_functorch_wrapped(t)
+    return t.device.type != "meta" and not is_functorch_wrapped(t)
+
+
+class TorchFuncBufferError(ConvBNError, RuntimeError):
+    """A ``torch.func`` transform refused the in-place running-statistics update of a train-mode
+    block (a ``ConvBNError`` and, like plain PyTorch's error for the same call, a ``RuntimeError``)."""
+
+
+@contextlib.contextmanager
+def running_stats_update(who: str) -> Iterator[None]:
+    """Turn ``torch.func``'s refusal to mutate a captured buffer into an error that says what to do.
+    Plain PyTorch's BatchNorm fails the same way (``num_batches_tracked.add_(1)``)."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if "mutate a captured Tensor" not in str(exc):
+            raise
+        raise TorchFuncBufferError(
+            f"{who}: a torch.func transform (grad/vjp/jacrev) refused the in-place update of this train-mode "
+            "block's running statistics, which the transformed function captured (plain PyTorch's BatchNorm "
+            "fails the same way). Pass the buffers as an input of the transformed function, e.g. "
+            "torch.func.grad(lambda p, b: loss(functional_call(model, (p, b), x)))(params, buffers); or use "
+            "mode 'eval'/'tune', BatchNorm(track_running_stats=False) or "
+            "torch.func.replace_all_batch_norm_modules_") from None

@@ -37,9 +37,12 @@ ordinary differentiable ops (batch statistics, no running-stat update) and diffe
 is refused with a ``RuntimeError`` when ``x`` was cast to another dtype, e.g. by autocast: the cast
 copy saved for backward has no graph back to ``x``.
 
-``torch.func``: ``grad``/``jacrev`` work (``forward`` + ``setup_context``); ``vmap`` over a block
-with running statistics is refused with a ``ConvBNError`` (per-sample statistics cannot be written
-into one buffer; plain PyTorch refuses it too).
+``torch.func``: ``grad``/``jacrev`` work (``forward`` + ``setup_context``) and equal plain PyTorch's,
+running statistics included, when the buffers are an input of the transformed function; a
+transform that captured them refuses their in-place update -- plain PyTorch's BatchNorm fails the
+same way -- and convbn raises a ``ConvBNError`` (also a ``RuntimeError``) saying so. ``vmap`` over a
+block with running statistics is refused with a ``ConvBNError`` (per-sample statistics cannot be
+written into one buffer).
 
 Not covered: ``SyncBatchNorm`` (its statistics and gradient sums need cross-process reductions).
 """
@@ -54,7 +57,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConvBNError
-from ._conv import ConvSpec, autocast_dtype, check_input_dtype
+from ._conv import ConvSpec, autocast_dtype, check_input_dtype, is_functorch_wrapped, running_stats_update
 from ._conv import layer as _layer
 
 __all__ = [
@@ -280,7 +283,7 @@ class RecomputeConvBNFunction(torch.autograd.Function):
         check_input_dtype("recompute", x, weight, act)
         _refuse_vmap_with_running_stats("recompute", (x, weight, bias, gamma, beta), running_mean)
         compute_dtype = act if act is not None else weight.dtype
-        with _autocast_off(device, act):
+        with _autocast_off(device, act), running_stats_update("recompute"):
             return recompute_forward(x, weight, bias, gamma, beta, eps, spec, relu, compute_dtype,
                                      running_mean, running_var, num_batches_tracked, momentum)
 
@@ -300,9 +303,10 @@ class RecomputeConvBNFunction(torch.autograd.Function):
     def backward(ctx, grad_out):  # type: ignore[override]
         x_used, weight, bias, gamma, beta = ctx.saved_tensors
         needs = ctx.needs_input_grad[:5]
-        if torch.is_grad_enabled():  # create_graph=True: differentiate a plain re-run of the block
+        wrapped = is_functorch_wrapped(grad_out) or is_functorch_wrapped(x_used)
+        if torch.is_grad_enabled() and not wrapped:  # create_graph=True: differentiate a plain re-run of the block
             grads = _double_differentiable_grads(ctx, grad_out, (x_used, weight, bias, gamma, beta), needs)
-        else:
+        else:  # (under torch.func, its transforms differentiate these aten ops themselves)
             with _autocast_off(grad_out.device.type, autocast_dtype(grad_out.device.type)):
                 grads = recompute_backward(grad_out, x_used, weight, bias, gamma, beta, ctx.eps,
                                            ctx.spec, ctx.relu, ctx.compute_dtype, needs)
