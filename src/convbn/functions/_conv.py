@@ -18,7 +18,7 @@ from torch import Tensor
 from ..errors import ConvBNError
 
 __all__ = ["ConvSpec", "autocast_dtype", "layer", "channel_view", "threads", "ptr", "plain_host_tensor",
-           "InputDTypeError", "check_input_dtype", "has_values", "is_functorch_wrapped",
+           "InputDTypeError", "check_input_dtype", "has_values", "is_functorch_wrapped", "is_batched",
            "TorchFuncBufferError", "running_stats_update"]
 
 
@@ -86,10 +86,16 @@ def ptr(t: Optional[Tensor]) -> Optional[int]:
 
 
 def is_functorch_wrapped(t: Tensor) -> bool:
-    try:
-        return torch._C._functorch.is_functorch_wrapped_tensor(t)
-    except AttributeError:  # pragma: no cover - very old torch
+    """Whether ``t`` is a ``torch.func`` wrapper (``grad``'s or ``vmap``'s); ``False`` under
+    ``torch.compile`` (which sees through no such wrapper, and cannot trace the query)."""
+    if torch.compiler.is_compiling():
         return False
+    return torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
+def is_batched(t: Optional[Tensor]) -> bool:
+    """Whether ``t`` is a ``torch.func.vmap`` batched tensor (never under ``torch.compile``)."""
+    return t is not None and not torch.compiler.is_compiling() and torch._C._functorch.is_batchedtensor(t)
 
 
 def plain_host_tensor(t: Tensor) -> bool:

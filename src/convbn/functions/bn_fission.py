@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConvBNError
-from ._conv import channel_view, is_functorch_wrapped, plain_host_tensor, ptr, running_stats_update, threads
+from ._conv import channel_view, is_batched, is_functorch_wrapped, plain_host_tensor, ptr, running_stats_update, threads
 from .native import NativeLibrary, extension_mode, use_extension
 
 __all__ = [
@@ -802,7 +802,7 @@ def _differentiable_backward(ctx, grad_out: Tensor, x: Tensor, weight: Optional[
 
 
 def _refuse_vmap(x: Tensor) -> None:
-    if torch._C._functorch.is_batchedtensor(x):
+    if is_batched(x):
         raise ConvBNError(
             "bn_relu_train (fission): torch.func.vmap over a train-mode BatchNorm that updates running statistics "
             "in place: the per-sample statistics cannot be written into the one unbatched buffer (plain PyTorch "

@@ -57,7 +57,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConvBNError
-from ._conv import ConvSpec, autocast_dtype, check_input_dtype, is_functorch_wrapped, running_stats_update
+from ._conv import ConvSpec, autocast_dtype, check_input_dtype, is_batched, is_functorch_wrapped, running_stats_update
 from ._conv import layer as _layer
 
 __all__ = [
@@ -256,7 +256,7 @@ def _autocast_off(device: str, act: Optional[torch.dtype]):
 
 
 def _refuse_vmap_with_running_stats(who: str, tensors: Sequence[Optional[Tensor]], running: Optional[Tensor]) -> None:
-    if running is not None and any(t is not None and torch._C._functorch.is_batchedtensor(t) for t in tensors):
+    if running is not None and any(is_batched(t) for t in tensors):
         raise ConvBNError(
             f"{who}: torch.func.vmap over a train-mode block that updates running statistics in place: the "
             "per-sample statistics cannot be written into the one unbatched buffer (plain PyTorch refuses this "
