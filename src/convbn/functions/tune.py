@@ -76,8 +76,24 @@ class tune_route:
     and benchmarks -- all routes compute the same function and gradients.
 
     Example:
-        >>> with tune_route("weight"):
-        ...     pass
+        >>> w = torch.empty(8, 8, 3, 3)  # 576 weight elements
+        >>> with tune_route("weight"):  # forced, even for a tiny activation
+        ...     _activation_route(10, w)
+        False
+        >>> with tune_route("activation"):
+        ...     _activation_route(10**6, w)
+        True
+        >>> _activation_route(10, w), _activation_route(10**6, w)  # "auto": the smaller side
+        (True, False)
+        >>> conv, bn = torch.nn.Conv2d(3, 8, 3).double(), torch.nn.BatchNorm2d(8).double().eval()
+        >>> x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+        >>> outs = []
+        >>> for route in ROUTES:
+        ...     with tune_route(route):
+        ...         outs.append(tune_conv_bn(x, conv.weight, conv.bias, bn.running_mean, bn.running_var,
+        ...                                  bn.weight, bn.bias, bn.eps))
+        >>> all(torch.allclose(o, bn(conv(x)), rtol=1e-12, atol=1e-12) for o in outs)
+        True
     """
 
     def __init__(self, route: str):
