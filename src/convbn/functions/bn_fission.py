@@ -25,6 +25,13 @@ float64 in contiguous (``N, C, L``) or channels-last (``N, L, C``) layout. If th
 other dtypes, a pure-torch implementation with the same semantics runs instead (it warns once). Each
 sweep is a ``torch.library.custom_op`` with a fake implementation, so ``torch.compile`` traces the
 op without graph breaks.
+
+Beyond one training step, as plain PyTorch: ``create_graph=True`` (a gradient penalty) differentiates
+PyTorch's own twice-differentiable BN backward ops; an empty batch returns an empty output and leaves
+the running statistics untouched; a one-value-per-channel batch is rejected after
+``num_batches_tracked`` was incremented; under ``torch.func`` (``grad``/``jacrev``) the running
+statistics are updated inside the Function when the buffers are an input of the transformed
+function, and a transform that captured them, or ``vmap``, is refused with a ``ConvBNError``.
 """
 
 from __future__ import annotations
