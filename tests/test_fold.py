@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import assert_close_rel
-from convbn.fold import bn_scale_shift, fold_conv_bn_weights, scale_weight_per_out_channel, sum_per_out_channel
+from convbn.fold import fold_conv_bn_weights, scale_weight_per_out_channel, sum_per_out_channel
 from layer_cases import block_params, dims_of, make_block
 
 
@@ -30,18 +30,20 @@ def test_fold_matches_eval(kind, bias, affine, groups):
     assert_close_rel(_apply_folded(layer, x, w, b), expected, 2e-6, "folded output")
 
 
-def test_grouped_transpose_fold_differs_from_naive_axis():
-    """The naive per-axis-1 scaling (what torch.nn.utils.fusion does) is wrong for groups > 1."""
-    layer, bn, x = make_block("ConvTranspose2d", True, True, groups=2)
-    bn.eval()
-    scale, _ = bn_scale_shift(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
-    ours = scale_weight_per_out_channel(layer.weight, scale, groups=2, transposed=True)
-    # naive: treat weight.shape[1] (C_out/groups = 3) as C_out -> cannot even broadcast 6 scales
-    with pytest.raises(RuntimeError):
-        layer.weight * scale.view(1, -1, 1, 1)
-    # and scaling by the first C_out/groups entries only would be wrong for the second group
-    naive = layer.weight * scale[:3].view(1, -1, 1, 1)
-    assert not torch.allclose(ours, naive)
+@pytest.mark.parametrize("kind", ["ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d"])
+@pytest.mark.parametrize("groups", [2, 3])
+def test_grouped_transpose_fold_equals_the_unfolded_module_in_float64(kind, groups):
+    """Folding a grouped ConvTranspose + BN (the case torch.nn.utils.fusion gets wrong) gives the
+    unfolded modules' output, in float64, with realistic BN statistics and per-group distinct scales."""
+    layer, bn, x = make_block(kind, True, True, groups, c_in=2 * groups, c_out=3 * groups)
+    layer, bn, x = layer.double(), bn.double().eval(), x.double()
+    w, b = fold_conv_bn_weights(layer.weight, layer.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                                bn.eps, groups=groups, transposed=True)
+    folded = copy.deepcopy(layer)
+    with torch.no_grad():
+        folded.weight.copy_(w)
+        folded.bias.copy_(b)
+    assert_close_rel(folded(x), bn(layer(x)), 1e-12, "folded grouped ConvTranspose")
 
 
 @pytest.mark.parametrize("transposed,groups", [(False, 1), (False, 3), (True, 1), (True, 3)])

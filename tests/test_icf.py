@@ -3,6 +3,7 @@
 import copy
 import pickle
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -48,12 +49,13 @@ def test_dense_block_sweeps_each_channel_once_and_matches_plain_train():
     cache = root_hooks(model).cache
     _train_compare(model, ref, torch.randn(4, 8, 6, 6))
     # BN inputs have 8, 12, 16, 20 and 24 channels (80 in all); without ICF every one is swept.
-    # With ICF: the first 8, then only each layer's 4 new channels.
-    assert cache.swept_channels == 8 + 4 * 4
+    # With ICF: the model input's 8 (twice: an input is not produced in this forward, so its memory
+    # may be shared with NumPy and is never trusted), then only each layer's 4 new channels.
+    assert cache.swept_channels == 8 + 8 + 4 * 4
     assert cache.reused_channels == 80 - cache.swept_channels
     with torch.no_grad():  # nothing keeps the earlier concatenations alive here: still reused
         model(torch.randn(4, 8, 6, 6))
-    assert cache.swept_channels == 2 * (8 + 4 * 4)
+    assert cache.swept_channels == 2 * (8 + 8 + 4 * 4)
 
 
 class InPlaceTraps(nn.Module):
@@ -81,6 +83,77 @@ def test_in_place_changes_never_reuse_stale_statistics():
     assert_close_rel(model(x), ref(x), 2e-5)
     for (name, a), b in zip(model.named_buffers(), ref.buffers()):
         assert_close_rel(a.double(), b.double(), 1e-6, name)
+
+
+class UntrackedWrites(nn.Module):
+    """Data that changes without a version bump between its measurement and its concatenation:
+    a buffer written through ``.data``, an activation written through ``.data`` and through a NumPy
+    alias of its memory, and memory shared with NumPy before the forward began."""
+
+    def __init__(self, shared: np.ndarray):
+        super().__init__()
+        self.register_buffer("memory", torch.ones(3, 4, 5, 5))
+        self.shared = torch.from_numpy(shared)  # a NumPy array the model also writes through
+        self.shared_np = shared
+        self.bn = nn.ModuleList(nn.BatchNorm2d(c) for c in (4, 8, 4, 8, 4, 8, 4, 4, 8))
+        self.conv = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        outs = []
+        # 1. a buffer, measured, then rewritten through .data, then concatenated
+        outs.append(self.bn[0](self.memory))
+        self.memory.data.mul_(3).add_(1)
+        outs.append(self.bn[1](torch.cat([self.memory, x], 1)))
+        # 2. an activation produced in this forward, rewritten through .data
+        y = self.conv(x)
+        outs.append(self.bn[2](y))
+        y.data.mul_(-2).add_(5)
+        outs.append(self.bn[3](torch.cat([y, x], 1)))
+        # 3. an activation rewritten through a NumPy view of its memory
+        z = self.conv(x) * 1.0
+        outs.append(self.bn[4](z))
+        z.detach().numpy()[:] *= 4
+        outs.append(self.bn[5](torch.cat([z, x], 1)))
+        # 4. memory shared with NumPy before the forward, written through NumPy during it
+        outs.append(self.bn[6](self.shared))
+        self.shared_np *= -1
+        outs.append(self.bn[7](self.shared))
+        # 5. the concatenation itself rewritten through .data after the cat was recorded
+        t = torch.cat([y, z], 1)
+        t.data.add_(7)
+        outs.append(self.bn[8](t))
+        return sum(o.sum() for o in outs)
+
+
+@torch.no_grad()
+def test_writes_without_a_version_bump_never_reuse_stale_statistics():
+    """The version counter misses ``.data`` and NumPy writes: statistics are then measured again."""
+    shared, shared_ref = (np.random.default_rng(0).normal(size=(3, 4, 5, 5)).astype(np.float32) for _ in range(2))
+    shared_ref[:] = shared
+    model = randomize_all_bn(UntrackedWrites(shared))
+    ref = UntrackedWrites(shared_ref)
+    x = torch.randn(3, 4, 5, 5) + 2
+    convbn.convert(model, "train", fission=True, example_inputs=(x,))  # (not fx-traceable: found by running it)
+    ref.load_state_dict(model.state_dict())  # whatever that run changed, the reference starts from the same state
+    shared_ref[:] = shared
+    assert_close_rel(model(x), ref(x), 2e-5, "output")
+    for (name, a), b in zip(model.named_buffers(), ref.buffers()):
+        assert_close_rel(a.double(), b.double(), 1e-6, name)
+    assert root_hooks(model).cache.reused_channels == 0  # nothing here was safe to reuse
+
+
+def test_inference_mode_in_train_uses_batch_statistics_and_updates_running_ones_like_plain_pytorch():
+    model = randomize_all_bn(TinyDense())
+    ref = copy.deepcopy(model)
+    convbn.convert(model, "train", fission=True)
+    x = torch.randn(4, 8, 6, 6)
+    with torch.inference_mode():
+        out, ref_out = model(x), ref(x)
+    assert out.is_inference()
+    assert_close_rel(out, ref_out, 2e-5, "output")
+    for (name, a), b in zip(model.named_buffers(), ref.buffers()):
+        assert_close_rel(a.double(), b.double(), 1e-6, name)
+    _train_compare(model, ref, x)  # and training goes on normally afterwards
 
 
 class Raises(nn.Module):

@@ -10,14 +10,27 @@ How it is wired, without touching the user's code: while a fission-converted mod
 eager mode, a ``TorchFunctionMode`` (entered and left by forward hooks on the root module, the
 post-hook with ``always_call=True`` so an exception cannot leak it) records every ``torch.cat``
 along the channel axis. The fission BNs ask :meth:`StatsCache.stats_for` for their input's
-statistics. Every cached entry carries the tensor's version counter: a piece or a concatenation
-modified in place after it was measured is simply measured again -- never a stale statistic.
+statistics.
+
+When a statistic is reused (never stale). A cached statistic describes the data it was measured on;
+reusing it is sound only if that data cannot have changed since. The version counter sees every
+in-place torch op, but not writes through ``.data``, through NumPy (``.numpy()``, ``__array__``,
+``torch.from_numpy``), through ``data_ptr()``/storages or DLPack. So a tensor's statistics are
+measured fresh unless the tensor is *trusted*: it was produced by a torch op during this very
+forward (the recorder sees every op's output -- model inputs, parameters and buffers never are),
+no op that hands out its memory outside version tracking (``.data``, ``.numpy()``, ``__array__``,
+``data_ptr``, ``untyped_storage``/``storage``, ``__dlpack__``, ``share_memory_``, ``.data = ...``)
+was called during this forward on any tensor sharing its storage, and its version counter is the one
+recorded when it was measured. Under ``torch.inference_mode`` (no version counters) nothing is reused.
+Untracked aliasing the recorder cannot see (memory shared before the forward began is covered: such
+tensors were not produced in this forward) would need code that writes into an op's output through
+an alias obtained outside torch, e.g. ``torch.utils.dlpack.to_dlpack`` called from inside the forward.
 """
 
 from __future__ import annotations
 
 import weakref
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 import torch
 from torch import Tensor
@@ -28,19 +41,40 @@ __all__ = ["StatsCache", "ConcatRecorder"]
 _CATS = {torch.cat, torch.concat, torch.concatenate}
 
 
+_DATA = torch.Tensor.data  # the ``.data`` descriptor: its __get__/__set__ reach the recorder
+# Tensor methods that hand out a tensor's memory outside version tracking
+_ESCAPES = {"numpy", "__array__", "data_ptr", "untyped_storage", "storage", "_typed_storage", "__dlpack__",
+            "share_memory_", "set_"}
+
+
+def _storage_key(t: Tensor) -> Optional[int]:
+    try:
+        with torch._C.DisableTorchFunction():
+            return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # no storage (e.g. sparse): never trusted
+        return None
+
+
 class StatsCache:
-    """Per-forward cache: tensor -> per-channel ``(mean, biased var)`` (float64), and concat records."""
+    """Per-forward cache: tensor -> per-channel ``(mean, biased var)`` (float64), and concat records.
+
+    Only *trusted* tensors (see the module docstring) are cached or reused; everything else is swept.
+    """
 
     def __init__(self) -> None:
         self.stats: Dict[int, Tuple[weakref.ref, int, Tensor, Tensor]] = {}
         # id(cat output) -> (weakref, version, [(channel offset, channels, piece stats or None)])
         self.cats: Dict[int, Tuple[weakref.ref, int, List[Tuple[int, int, Optional[Tuple[Tensor, Tensor]]]]]] = {}
+        self.produced: Dict[int, weakref.ref] = {}  # id -> tensor, for every op output of this forward
+        self.escaped: Set[int] = set()  # storages whose memory was handed out untracked during this forward
         self.swept_channels = 0  # channels measured by a statistics sweep (for tests/benchmarks)
         self.reused_channels = 0  # channels whose statistics came from the cache
 
     def clear(self) -> None:
         self.stats.clear()
         self.cats.clear()
+        self.produced.clear()
+        self.escaped.clear()
 
     # pickling / deepcopy: weakrefs are transient
     def __getstate__(self) -> dict:
@@ -49,9 +83,40 @@ class StatsCache:
     def __setstate__(self, state: dict) -> None:
         self.__init__()
 
+    # ---------------------------------------------------------------- what the recorder sees
+    def record_output(self, out) -> None:
+        """Remember the tensor(s) an op returned during this forward."""
+        if isinstance(out, Tensor):
+            self.produced[id(out)] = weakref.ref(out)
+        elif isinstance(out, (tuple, list)):
+            for t in out:
+                if isinstance(t, Tensor):
+                    self.produced[id(t)] = weakref.ref(t)
+
+    def record_escape(self, args) -> None:
+        """An op handed out the memory of the tensors in ``args`` outside version tracking."""
+        for t in args:
+            if isinstance(t, Tensor):
+                key = _storage_key(t)
+                if key is not None:
+                    self.escaped.add(key)
+
+    def trusted(self, t: Tensor) -> bool:
+        """Whether ``t``'s data can change only through version-counted ops from here on (see above)."""
+        if torch.is_inference_mode_enabled() or t.is_inference():
+            return False
+        ref = self.produced.get(id(t))
+        if ref is None or ref() is not t:
+            return False
+        key = _storage_key(t)
+        return key is not None and key not in self.escaped
+
+    # ---------------------------------------------------------------- the cache
     def record_cat(self, out: Tensor, parts: List[Tensor]) -> None:
         """Remember ``out = cat(parts, dim=1)`` with each piece's statistics *as of now* (the data the
         cat copied), so they stay usable after the piece itself is freed (e.g. under no_grad)."""
+        if not self.trusted(out):
+            return
         pieces, offset = [], 0
         for p in parts:
             pieces.append((offset, p.shape[1], self._cached(p)))
@@ -59,18 +124,22 @@ class StatsCache:
         self.cats[id(out)] = (weakref.ref(out), out._version, pieces)
 
     def _cached(self, t: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
-        """Cached statistics of ``t`` if they describe its current data (same version counter)."""
+        """Cached statistics of ``t`` if they describe its current data (trusted, same version)."""
         entry = self.stats.get(id(t))
-        if entry is not None and entry[0]() is t and entry[1] == t._version:
+        if entry is not None and entry[0]() is t and self.trusted(t) and entry[1] == t._version:
             return entry[2], entry[3]
         return None
 
     def _store(self, t: Tensor, mean: Tensor, var: Tensor) -> None:
-        self.stats[id(t)] = (weakref.ref(t), t._version, mean, var)
+        if self.trusted(t):
+            self.stats[id(t)] = (weakref.ref(t), t._version, mean, var)
 
     def stats_for(self, x: Tensor, sweep) -> Tuple[Tensor, Tensor]:
         """``x``'s per-channel statistics: cached, assembled from a concatenation's pieces (sweeping
         only the pieces never measured, as channel slices of ``x``), or swept."""
+        if not self.trusted(x):  # an input, parameter or buffer, aliased memory, inference mode: measure
+            self.swept_channels += x.shape[1]
+            return sweep(x)
         hit = self._cached(x)
         if hit is not None:
             self.reused_channels += x.shape[1]
@@ -95,7 +164,8 @@ class StatsCache:
 
 
 class ConcatRecorder(TorchFunctionMode):
-    """Records channel-axis ``torch.cat`` calls into a :class:`StatsCache`; everything else passes."""
+    """Records every op output (trust), memory escapes, and channel-axis ``torch.cat`` calls into a
+    :class:`StatsCache`; every call itself passes through unchanged."""
 
     def __init__(self, cache: StatsCache):
         super().__init__()
@@ -104,6 +174,12 @@ class ConcatRecorder(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if torch.is_inference_mode_enabled():
+            return out
+        name = getattr(func, "__name__", None)
+        if name in _ESCAPES or (name in ("__get__", "__set__") and getattr(func, "__self__", None) is _DATA):
+            self.cache.record_escape(args)
+        self.cache.record_output(out)
         if func in _CATS and isinstance(out, Tensor) and out.dim() >= 2:
             tensors = args[0] if args else kwargs.get("tensors")
             dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)

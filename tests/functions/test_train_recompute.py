@@ -305,3 +305,19 @@ def test_linear_on_3d_input_is_rejected():
     lin = nn.Linear(5, 6)
     with pytest.raises(ValueError, match="BatchNorm1d on 3-D input"):
         recompute_conv_bn(torch.randn(2, 4, 5), lin.weight, lin.bias, None, None, None, None, None, 0.1, 1e-5, None)
+
+
+@pytest.mark.parametrize("dtype,param_dtype", [(torch.float32, torch.float32), (torch.float64, torch.float64),
+                                               (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)])
+def test_backward_recomputes_the_forwards_statistics_and_output_bit_for_bit(dtype, param_dtype):
+    """Forward runs the train kernel with the running buffers (it updates them), backward without: the
+    batch statistics and the output (whose sign is the ReLU mask) must not depend on that."""
+    g = torch.Generator().manual_seed(0)
+    y = (torch.randn(6, 8, 7, 5, generator=g) * 3 + 5).to(dtype)
+    gamma, beta = (torch.randn(8, generator=g).to(param_dtype) for _ in range(2))
+    rm, rv = torch.zeros(8, dtype=param_dtype), torch.ones(8, dtype=param_dtype)
+    with_buffers = torch.ops.aten.native_batch_norm(y, gamma, beta, rm, rv, True, 0.1, 1e-5)
+    without = torch.ops.aten.native_batch_norm(y, gamma, beta, None, None, True, 0.0, 1e-5)
+    assert not torch.equal(rm, torch.zeros(8, dtype=param_dtype))  # the buffers were updated
+    for a, b in zip(with_buffers, without):
+        assert torch.equal(a, b)

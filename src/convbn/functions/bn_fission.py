@@ -25,6 +25,13 @@ float64 in contiguous (``N, C, L``) or channels-last (``N, L, C``) layout. If th
 other dtypes, a pure-torch implementation with the same semantics runs instead (it warns once). Each
 sweep is a ``torch.library.custom_op`` with a fake implementation, so ``torch.compile`` traces the
 op without graph breaks.
+
+Beyond one training step, as plain PyTorch: ``create_graph=True`` (a gradient penalty) differentiates
+PyTorch's own twice-differentiable BN backward ops; an empty batch returns an empty output and leaves
+the running statistics untouched; a one-value-per-channel batch is rejected after
+``num_batches_tracked`` was incremented; under ``torch.func`` (``grad``/``jacrev``) the running
+statistics are updated inside the Function when the buffers are an input of the transformed
+function, and a transform that captured them, or ``vmap``, is refused with a ``ConvBNError``.
 """
 
 from __future__ import annotations
@@ -35,6 +42,8 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from ..errors import ConvBNError
+from ._conv import channel_view, is_batched, is_functorch_wrapped, plain_host_tensor, ptr, running_stats_update, threads
 from .native import NativeLibrary, extension_mode, use_extension
 
 __all__ = [
@@ -417,7 +426,11 @@ def extension_available() -> bool:
         ``True`` if the fast path is in use for float32/float64 CPU tensors.
 
     Example:
-        >>> isinstance(extension_available(), bool)
+        >>> with use_extension("torch"):  # the pure-torch paths never load the kernel
+        ...     extension_available()
+        False
+        >>> import shutil
+        >>> extension_available() == (shutil.which("c++") is not None)  # built where a compiler exists
         True
     """
     return _get_lib() is not None
@@ -440,7 +453,7 @@ def _geometry(x: Tensor) -> Tuple[int, int, int, Optional[int]]:
 
 
 def _kernel_args(x: Tensor) -> Optional[Tuple[ctypes.CDLL, str, int, int, int, int]]:
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or x.numel() == 0:
+    if not plain_host_tensor(x) or x.dtype not in (torch.float32, torch.float64) or x.numel() == 0:
         return None
     n, c, length, nlc = _geometry(x)
     if nlc is None:
@@ -455,10 +468,6 @@ def _reduce_dims(x: Tensor) -> list:
     return [0] + list(range(2, x.dim()))
 
 
-def _per_channel(v: Tensor, x: Tensor) -> Tensor:
-    return v.reshape([1, -1] + [1] * (x.dim() - 2))
-
-
 def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -468,12 +477,7 @@ def _centered(x: Tensor, mean: Tensor) -> Tensor:
     dt = _compute_dtype(x)
     hi = mean.to(dt)
     lo = (mean - hi.to(torch.float64)).to(dt)
-    return (x.to(dt) - _per_channel(hi, x)).sub_(_per_channel(lo, x))
-
-
-def _threads(x: Tensor) -> int:
-    # Waking OpenMP threads costs more than a small tensor's whole sweep.
-    return max(1, min(torch.get_num_threads(), x.numel() // 65536))
+    return (x.to(dt) - channel_view(hi, x)).sub_(channel_view(lo, x))
 
 
 def _like(t: Tensor, ref: Tensor) -> Tensor:
@@ -481,10 +485,6 @@ def _like(t: Tensor, ref: Tensor) -> Tensor:
     if t.dtype == ref.dtype and t.stride() == ref.stride():
         return t
     return torch.empty_like(ref).copy_(t)
-
-
-def _ptr(t: Optional[Tensor]) -> Optional[int]:
-    return None if t is None else t.data_ptr()
 
 
 def _stats_impl(x: Tensor) -> Tuple[Tensor, Tensor]:
@@ -497,7 +497,7 @@ def _stats_impl(x: Tensor) -> Tuple[Tensor, Tensor]:
     lib, sfx, n, c, length, nlc = args
     mean = torch.empty(c, dtype=torch.float64)
     var = torch.empty(c, dtype=torch.float64)
-    getattr(lib, f"stats_{sfx}")(x.data_ptr(), n, c, length, nlc, _threads(x),
+    getattr(lib, f"stats_{sfx}")(x.data_ptr(), n, c, length, nlc, threads(x.numel()),
                                  mean.data_ptr(), var.data_ptr())
     return mean, var
 
@@ -515,7 +515,7 @@ def _affine(x: Tensor, mean: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     """``(x - mean) * scale + shift`` in the compute dtype (pure torch; the backward recomputes the
     ReLU mask with these very ops, so it matches the forward's bit for bit)."""
     dt = _compute_dtype(x)
-    return _centered(x, mean).mul_(_per_channel(scale.to(dt), x)).add_(_per_channel(shift.to(dt), x))
+    return _centered(x, mean).mul_(channel_view(scale.to(dt), x)).add_(channel_view(shift.to(dt), x))
 
 
 def _normalize_impl(x: Tensor, mean: Tensor, scale: Tensor, shift: Tensor, relu: bool) -> Tensor:
@@ -528,7 +528,7 @@ def _normalize_impl(x: Tensor, mean: Tensor, scale: Tensor, shift: Tensor, relu:
         return y.to(x.dtype)
     lib, sfx, n, c, length, nlc = args
     y = torch.empty_like(x)
-    getattr(lib, f"normalize_{sfx}")(x.data_ptr(), y.data_ptr(), n, c, length, nlc, _threads(x),
+    getattr(lib, f"normalize_{sfx}")(x.data_ptr(), y.data_ptr(), n, c, length, nlc, threads(x.numel()),
                                      mean.data_ptr(), scale.data_ptr(), shift.data_ptr(), int(relu))
     return y
 
@@ -561,7 +561,7 @@ def _grad_sums_impl(grad: Tensor, x: Tensor, mean: Tensor, scale: Tensor, shift:
     lib, sfx, n, c, length, nlc = args
     sum_g = torch.empty(c, dtype=torch.float64)
     sum_gx = torch.empty(c, dtype=torch.float64)
-    getattr(lib, f"grad_sums_{sfx}")(grad.data_ptr(), x.data_ptr(), n, c, length, nlc, _threads(x), mean.data_ptr(),
+    getattr(lib, f"grad_sums_{sfx}")(grad.data_ptr(), x.data_ptr(), n, c, length, nlc, threads(x.numel()), mean.data_ptr(),
                                      scale.data_ptr(), shift.data_ptr(), int(relu), sum_g.data_ptr(),
                                      sum_gx.data_ptr())
     return sum_g, sum_gx
@@ -584,12 +584,12 @@ def _grad_input_impl(grad: Tensor, x: Tensor, mean: Tensor, scale: Tensor, shift
     if args is None:
         dt = _compute_dtype(x)
         g = _masked(grad, x, mean, scale, shift, relu)
-        dx = _centered(x, mean).mul_(_per_channel(b.to(dt), x))
-        dx.add_(g * _per_channel(a.to(dt), x)).add_(_per_channel(e.to(dt), x))
+        dx = _centered(x, mean).mul_(channel_view(b.to(dt), x))
+        dx.add_(g * channel_view(a.to(dt), x)).add_(channel_view(e.to(dt), x))
         return dx.to(x.dtype)
     lib, sfx, n, c, length, nlc = args
     dx = torch.empty_like(x)
-    getattr(lib, f"grad_input_{sfx}")(grad.data_ptr(), x.data_ptr(), dx.data_ptr(), n, c, length, nlc, _threads(x),
+    getattr(lib, f"grad_input_{sfx}")(grad.data_ptr(), x.data_ptr(), dx.data_ptr(), n, c, length, nlc, threads(x.numel()),
                                       mean.data_ptr(), scale.data_ptr(), shift.data_ptr(), int(relu),
                                       a.data_ptr(), b.data_ptr(), e.data_ptr())
     return dx
@@ -694,7 +694,8 @@ def _fused_path(x: Tensor, params: Sequence[Optional[Tensor]], buffers: Sequence
     buffers) are contiguous CPU float32/float64 tensors of one dtype; everything else (torch.compile,
     tensor subclasses, other dtypes) takes the per-sweep custom ops.
     """
-    if extension_mode() == "sweeps" or torch.compiler.is_compiling() or type(x) is not Tensor:
+    if extension_mode() == "sweeps" or torch.compiler.is_compiling() or type(x) is not Tensor \
+            or not plain_host_tensor(x):
         return None
     args = _kernel_args(x)
     if args is None:
@@ -702,7 +703,7 @@ def _fused_path(x: Tensor, params: Sequence[Optional[Tensor]], buffers: Sequence
     flags = []
     for group in (params, buffers):
         ts = [t for t in group if t is not None]
-        if any(type(t) not in (Tensor, torch.nn.Parameter) or t.device.type != "cpu" or t.dtype not in _FLOATS
+        if any(not plain_host_tensor(t) or t.dtype not in _FLOATS
                or not t.is_contiguous() or t.dtype != ts[0].dtype for t in ts):
             return None
         flags.append(int(bool(ts) and ts[0].dtype == torch.float64))
@@ -710,19 +711,27 @@ def _fused_path(x: Tensor, params: Sequence[Optional[Tensor]], buffers: Sequence
 
 
 class BNReLUTrainFunction(torch.autograd.Function):
-    """Train-mode BatchNorm (+ReLU) by Fission; returns ``(out, mean, var)`` (float64 biased var).
+    """Train-mode BatchNorm (+ReLU) by Fission; returns ``(out, mean, var, invstd)`` (float64, ``var`` biased).
 
     Saves ``x`` and float64 per-channel vectors (plus the affine parameters, alive anyway) -- not the
     output: the ReLU backward recomputes its mask from ``x``. ``running``: ``(running_mean,
-    running_var, factor)`` to update in place inside the fused eager kernel (the caller guarantees
-    :func:`_fused_path` applies), or ``None`` (the caller updates them). ``fused``: the caller's
-    :func:`_fused_path` result for these arguments, if it has one (else it is computed here).
-    Differentiable once.
+    running_var, factor)`` to update in place in forward (inside the fused eager kernel when it
+    applies), or ``None``. ``fused``: the caller's :func:`_fused_path` result for these arguments, if
+    it has one (else it is computed here).
+
+    Differentiable twice: with ``create_graph=True`` backward is computed by the aten ops plain
+    PyTorch's BN backward uses (twice differentiable, see :func:`_differentiable_backward`). ``forward`` +
+    ``setup_context``, so ``torch.func.grad``/``jacrev`` work; ``vmap`` with running statistics is
+    refused (``ConvBNError``).
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, relu, stats=None, running=None, fused=_UNKNOWN):  # type: ignore[override]
+    def forward(x, weight, bias, eps, relu, stats=None, running=None, fused=_UNKNOWN):  # type: ignore[override]
         rm, rv, factor = running if running is not None else (None, None, 0.0)
+        if rm is not None or rv is not None:
+            _refuse_vmap(x)
         if fused is _UNKNOWN:
             fused = _fused_path(x, (weight, bias), (rm, rv))
         if fused is not None:
@@ -734,39 +743,87 @@ class BNReLUTrainFunction(torch.autograd.Function):
             invstd = x.new_empty(c, dtype=torch.float64)
             out = torch.empty_like(x)
             getattr(lib, f"fused_forward_{sfx}")(
-                x.data_ptr(), out.data_ptr(), n, c, length, nlc, _threads(x), mean.data_ptr(), var.data_ptr(),
-                int(stats is not None), _ptr(weight), _ptr(bias), pf64, float(eps), int(relu), invstd.data_ptr(),
-                _ptr(rm), _ptr(rv), bf64, float(factor))
+                x.data_ptr(), out.data_ptr(), n, c, length, nlc, threads(x.numel()), mean.data_ptr(), var.data_ptr(),
+                int(stats is not None), ptr(weight), ptr(bias), pf64, float(eps), int(relu), invstd.data_ptr(),
+                ptr(rm), ptr(rv), bf64, float(factor))
         else:
-            if running is not None:
-                raise RuntimeError("BNReLUTrainFunction: running statistics are updated in the kernel only "
-                                   "on the fused eager path")
+            if running is not None and torch.compiler.is_compiling():
+                raise RuntimeError("BNReLUTrainFunction: under torch.compile the caller updates the running "
+                                   "statistics (bn_relu_train does)")
             out, mean, invstd, var = bn_relu_train_forward(x, weight, bias, eps, relu, stats)
-        ctx.save_for_backward(x, weight, bias, mean, invstd)
-        ctx.relu, ctx.fused = relu, fused
-        ctx.dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
-        ctx.mark_non_differentiable(mean, var)
-        return out, mean, var
+            if running is not None:
+                _update_running_stats(rm, rv, mean, var, x.numel() // x.shape[1], factor)
+        return out, mean, var, invstd
 
     @staticmethod
-    def backward(ctx, grad_out, _grad_mean, _grad_var):  # type: ignore[override]
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, eps, relu, _, running, fused = inputs
+        _, mean, var, invstd = output
+        if fused is _UNKNOWN:  # the same decision forward made (a pure function of these arguments)
+            rm, rv = (running[0], running[1]) if running is not None else (None, None)
+            fused = _fused_path(x, (weight, bias), (rm, rv))
+        ctx.save_for_backward(x, weight, bias, mean, invstd)
+        ctx.relu, ctx.fused, ctx.eps = relu, fused, eps
+        ctx.dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+        ctx.mark_non_differentiable(mean, var, invstd)
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_mean, _grad_var, _grad_invstd):  # type: ignore[override]
         x, weight, bias, mean, invstd = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        if ctx.fused is not None and not torch.compiler.is_compiling():
+        if torch.is_grad_enabled() or is_functorch_wrapped(grad_out) or is_functorch_wrapped(x):
+            # create_graph=True or torch.func: PyTorch's own (twice differentiable) BN backward ops
+            gx, gw, gb = _differentiable_backward(ctx, grad_out, x, weight, bias, (need_x, need_w, need_b))
+            return gx, gw, gb, None, None, None, None, None
+        if ctx.fused is not None and not torch.compiler.is_compiling() and plain_host_tensor(grad_out):
             lib, sfx, n, c, length, nlc, pf64, _ = ctx.fused
             g = _like(grad_out, x)
             gx = torch.empty_like(x) if need_x else None
             gw = torch.empty_like(weight) if need_w else None
             gb = torch.empty_like(bias) if need_b else None
             getattr(lib, f"fused_backward_{sfx}")(
-                g.data_ptr(), x.data_ptr(), _ptr(gx), n, c, length, nlc, _threads(x), mean.data_ptr(),
-                invstd.data_ptr(), _ptr(weight), _ptr(bias), pf64, int(ctx.relu), _ptr(gw), _ptr(gb))
+                g.data_ptr(), x.data_ptr(), ptr(gx), n, c, length, nlc, threads(x.numel()), mean.data_ptr(),
+                invstd.data_ptr(), ptr(weight), ptr(bias), pf64, int(ctx.relu), ptr(gw), ptr(gb))
             return gx, gw, gb, None, None, None, None, None
         gx, gw, gb = bn_relu_train_backward(grad_out, x, weight, bias, mean, invstd, ctx.relu,
                                             (need_x, need_w, need_b))
         gw = None if gw is None else gw.to(ctx.dtypes[0])
         gb = None if gb is None else gb.to(ctx.dtypes[1])
         return gx, gw, gb, None, None, None, None, None
+
+
+def _differentiable_backward(ctx, grad_out: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                             needs: Sequence[bool]):
+    """Gradients by the aten ops plain PyTorch's BN backward uses (``native_batch_norm_backward``, whose
+    own derivative accounts for the batch statistics' dependence on ``x``), so they are differentiable
+    again: for ``create_graph=True`` (the saved float64 statistics carry no graph) and ``torch.func``.
+    The statistics and the ReLU mask are recomputed by PyTorch's train kernel (equal to the forward's
+    to rounding)."""
+    need_x, need_w, need_b = needs
+    z, mean, invstd = torch.ops.aten.native_batch_norm(x, weight, bias, None, None, True, 0.0, ctx.eps)
+    g = torch.ops.aten.threshold_backward(grad_out.to(z.dtype), z, 0) if ctx.relu else grad_out.to(z.dtype)
+    del z
+    return torch.ops.aten.native_batch_norm_backward(
+        g, x, weight, None, None, mean, invstd, True, ctx.eps,
+        [need_x, need_w and weight is not None, need_b and bias is not None])
+
+
+def _refuse_vmap(x: Tensor) -> None:
+    if is_batched(x):
+        raise ConvBNError(
+            "bn_relu_train (fission): torch.func.vmap over a train-mode BatchNorm that updates running statistics "
+            "in place: the per-sample statistics cannot be written into the one unbatched buffer (plain PyTorch "
+            "refuses this too). Use mode 'eval'/'tune' (running statistics), or plain 'train' with "
+            "torch.func.replace_all_batch_norm_modules_, or BatchNorm(track_running_stats=False)")
+
+
+def _update_running_stats(rm: Optional[Tensor], rv: Optional[Tensor], mean: Tensor, var: Tensor, m: int,
+                          factor: Union[float, Tensor]) -> None:
+    with torch.no_grad():
+        if rm is not None:
+            _update_running(rm, mean, factor)
+        if rv is not None:
+            _update_running(rv, var * (m / (m - 1)), factor)
 
 
 def _update_running(buf: Tensor, batch: Tensor, factor: Union[float, Tensor]) -> None:
@@ -829,29 +886,37 @@ def bn_relu_train(
         if t is not None and t.numel() != c:
             raise ValueError(f"bn_relu_train: {name} has {t.numel()} elements but x has {c} channels "
                              f"(shape {tuple(x.shape)}); pass the BatchNorm that matches this input.")
-    if x.numel() // max(c, 1) == 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
-    if _geometry(x)[3] is None:
-        x = x.contiguous()
+    with running_stats_update("bn_relu_train (fission)"):
+        return _bn_relu_train(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, relu,
+                              stats)
 
+
+def _bn_relu_train(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, relu, stats):
+    c = x.shape[1]
     factor: Union[float, Tensor] = 0.0 if momentum is None else float(momentum)
-    path = _fused_path(x, (weight, bias), (running_mean, running_var))
-    fused = path is not None
+    compiling = torch.compiler.is_compiling()
+    # As _BatchNorm.forward: the counter first -- also for a call F.batch_norm then rejects
     if num_batches_tracked is not None:
         num_batches_tracked.add_(1)
         if momentum is None:
             # compiled: stays a tensor (no .item(), no graph break); float64 like torch's 1.0 / float(n)
-            factor = 1.0 / float(num_batches_tracked) if fused else \
-                num_batches_tracked.to(torch.float64).reciprocal()
+            factor = num_batches_tracked.to(torch.float64).reciprocal() if compiling else \
+                1.0 / float(num_batches_tracked)
+    if x.numel() == c:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
+    if x.numel() == 0:  # an empty batch: PyTorch's empty output, running statistics untouched
+        out = torch.nn.functional.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
+        return torch.relu(out) if relu else out
+    if _geometry(x)[3] is None:
+        x = x.contiguous()
 
+    path = _fused_path(x, (weight, bias), (running_mean, running_var))
     tracked = running_mean is not None or running_var is not None
-    running = (running_mean, running_var, factor) if fused and tracked else None
-    out, mean, var = BNReLUTrainFunction.apply(x, weight, bias, float(eps), bool(relu), stats, running, path)
+    # Running statistics are updated inside the Function's forward (in the fused kernel, or by torch
+    # ops), so torch.func transforms see no mutation of a captured buffer; compiled graphs update them
+    # here, outside the Function.
+    running = (running_mean, running_var, factor) if tracked and not compiling else None
+    out, mean, var, _ = BNReLUTrainFunction.apply(x, weight, bias, float(eps), bool(relu), stats, running, path)
     if tracked and running is None:
-        with torch.no_grad():
-            if running_mean is not None:
-                _update_running(running_mean, mean, factor)
-            if running_var is not None:
-                m = x.numel() // c
-                _update_running(running_var, var * (m / (m - 1)), factor)
+        _update_running_stats(running_mean, running_var, mean, var, x.numel() // c, factor)
     return out

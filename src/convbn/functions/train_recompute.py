@@ -13,24 +13,23 @@ Custom Function", generalised to every layer kind and to the full ``nn.BatchNorm
   (``None`` for Linear);
 * conv bias optional, ``affine=False`` (``bn_weight``/``bn_bias`` ``None``), eps inside the sqrt;
 * running statistics updated in place exactly like ``_BatchNorm.forward``: ``num_batches_tracked``
-  is incremented first, then the factor is ``momentum`` or, for ``momentum=None``, ``1 /
+  is incremented first (also when the call is then rejected for one value per channel, as in
+  PyTorch), then the factor is ``momentum`` or, for ``momentum=None``, ``1 /
   num_batches_tracked``; the running variance gets the *unbiased* batch variance. With
-  ``track_running_stats=False`` pass ``None`` for all three buffers.
+  ``track_running_stats=False`` pass ``None`` for all three buffers. An empty batch returns an empty
+  output and leaves the running statistics untouched, as PyTorch does.
 
-Numerics. The batch statistics come from ``torch.var_mean`` (a Welford-style, cancellation-free
-reduction) in float32 -- float64 stays float64 -- never from ``E[y^2] - E[y]^2``. The output is
-``(y - mean) * (gamma * invstd) + beta``, which stays accurate when ``|mean| >> std``.
+Numerics. The statistics, the normalisation and the running-statistics update are PyTorch's own
+train-mode kernel (``aten.native_batch_norm`` with the running buffers and the factor above), so
+they are plain PyTorch's bit for bit -- in every dtype (bf16/fp16 models too) and under autocast,
+where, like plain PyTorch, the convolution runs in the autocast dtype and the kernel takes the
+mixed-dtype path (float32 statistics and buffers). The input saved for backward is ``x`` cast to the
+compute dtype, which is what autocast's own convolution saves.
 
-Autocast (e.g. CPU bfloat16): like plain PyTorch, the convolution runs in the autocast dtype and
-its output ``y`` (and so the block output) has that dtype; the statistics, ``invstd``, the
-normalisation arithmetic and the running-stat update are float32, as in PyTorch's mixed-type
-batch norm kernels. The input saved for backward is ``x`` cast to the autocast dtype, which is
-what autocast's own convolution saves.
-
-Backward: one recomputed layer forward, ``aten.threshold_backward`` for the ReLU (mask ``z > 0``
-from the recomputed output), ``aten.native_batch_norm_backward`` in training mode with the saved
-mean/invstd (the kernel plain PyTorch uses), and one ``aten.convolution_backward`` with an
-``output_mask``.
+Backward: one recomputed layer forward, the same train-mode kernel on the bit-identical recomputed
+``y`` for the batch statistics and the ReLU mask, ``aten.threshold_backward`` for the ReLU,
+``aten.native_batch_norm_backward`` (the kernel plain PyTorch uses), and one
+``aten.convolution_backward`` with an ``output_mask``.
 
 Double backward (``create_graph=True``) is supported: in that case backward re-runs the block with
 ordinary differentiable ops (batch statistics, no running-stat update) and differentiates it, like
@@ -38,18 +37,28 @@ ordinary differentiable ops (batch statistics, no running-stat update) and diffe
 is refused with a ``RuntimeError`` when ``x`` was cast to another dtype, e.g. by autocast: the cast
 copy saved for backward has no graph back to ``x``.
 
+``torch.func``: ``grad``/``jacrev`` work (``forward`` + ``setup_context``) and equal plain PyTorch's,
+running statistics included, when the buffers are an input of the transformed function; a
+transform that captured them refuses their in-place update -- plain PyTorch's BatchNorm fails the
+same way -- and convbn raises a ``ConvBNError`` (also a ``RuntimeError``) saying so. ``vmap`` over a
+block with running statistics is refused with a ``ConvBNError`` (per-sample statistics cannot be
+written into one buffer).
+
 Not covered: ``SyncBatchNorm`` (its statistics and gradient sums need cross-process reductions).
 """
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from .tune import ConvSpec, autocast_dtype
+from ..errors import ConvBNError
+from ._conv import ConvSpec, autocast_dtype, check_input_dtype, is_batched, is_functorch_wrapped, running_stats_update
+from ._conv import layer as _layer
 
 __all__ = [
     "RecomputeConvBNFunction",
@@ -57,6 +66,7 @@ __all__ = [
     "recompute_forward",
     "recompute_backward",
     "batch_statistics",
+    "update_factor_",
     "update_running_stats_",
 ]
 
@@ -73,18 +83,6 @@ def _out_channels(weight: Tensor, spec: Optional[ConvSpec]) -> int:
 
 def _reduce_dims(y: Tensor) -> List[int]:
     return [0] + list(range(2, y.dim()))
-
-
-def _channel_shape(y: Tensor) -> Tuple[int, ...]:
-    return (1, -1) + (1,) * (y.dim() - 2)
-
-
-def _layer(x: Tensor, weight: Tensor, bias: Optional[Tensor], spec: Optional[ConvSpec]) -> Tensor:
-    if spec is None:
-        return torch.nn.functional.linear(x, weight, bias)
-    return torch.convolution(
-        x, weight, bias, spec.stride, spec.padding, spec.dilation, spec.transposed, spec.output_padding, spec.groups
-    )
 
 
 def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
@@ -108,6 +106,25 @@ def batch_statistics(y: Tensor) -> Tuple[Tensor, Tensor]:
     return mean, var
 
 
+def update_factor_(num_batches_tracked: Optional[Tensor], momentum: Optional[float]) -> float:
+    """``_BatchNorm.forward``'s running-average factor: increments ``num_batches_tracked`` (if given)
+    first, then returns ``momentum`` or, when ``momentum is None``, ``1 / num_batches_tracked`` (``0``
+    without a counter, as in PyTorch).
+
+    Example:
+        >>> nbt = torch.tensor(3)
+        >>> update_factor_(nbt, None), int(nbt), update_factor_(None, 0.1)
+        (0.25, 4, 0.1)
+    """
+    factor = 0.0 if momentum is None else float(momentum)
+    if num_batches_tracked is not None:
+        with torch.no_grad():
+            num_batches_tracked.add_(1)
+        if momentum is None:
+            factor = 1.0 / float(num_batches_tracked)
+    return factor
+
+
 def update_running_stats_(
     running_mean: Tensor,
     running_var: Tensor,
@@ -129,32 +146,16 @@ def update_running_stats_(
         >>> rm, rv, nbt
         (tensor([1., 2.]), tensor([3., 3.]), tensor(1))
     """
+    factor = update_factor_(num_batches_tracked, momentum)
     with torch.no_grad():
-        factor = 0.0 if momentum is None else float(momentum)
-        if num_batches_tracked is not None:
-            num_batches_tracked.add_(1)
-            if momentum is None:
-                factor = 1.0 / float(num_batches_tracked)
         unbiased = var * (count / (count - 1))
         running_mean.mul_(1.0 - factor).add_(mean.to(running_mean.dtype), alpha=factor)
         running_var.mul_(1.0 - factor).add_(unbiased.to(running_var.dtype), alpha=factor)
 
 
-def _normalize(
-    y_stat: Tensor, mean: Tensor, invstd: Tensor, gamma: Optional[Tensor], beta: Optional[Tensor], out_dtype: torch.dtype,
-    var: Optional[Tensor] = None, eps: float = 0.0,
-) -> Tensor:
-    """``(y - mean) * (gamma * invstd) + beta``. When ``y`` already has the statistics' dtype and
-    ``var`` is given, one fused pass of PyTorch's own inference kernel with the *batch* statistics
-    (``y`` is untouched); otherwise in place on ``y_stat`` (a stat-dtype copy we own)."""
-    if var is not None and y_stat.dtype == mean.dtype and (gamma is None or gamma.dtype == mean.dtype):
-        return torch.nn.functional.batch_norm(y_stat, mean, var, gamma, beta, False, 0.0, eps).to(out_dtype)
-    shape = _channel_shape(y_stat)
-    scale = invstd if gamma is None else gamma.to(invstd.dtype) * invstd
-    z = y_stat.sub_(mean.reshape(shape)).mul_(scale.reshape(shape))
-    if beta is not None:
-        z = z.add_(beta.to(z.dtype).reshape(shape))
-    return z.to(out_dtype)
+def one_value_per_channel_error(y: Tensor) -> ValueError:
+    """The error ``F.batch_norm`` raises in training for one value per channel (same type, same text)."""
+    return ValueError(f"Expected more than 1 value per channel when training, got input size {y.size()}")
 
 
 def recompute_forward(
@@ -167,44 +168,27 @@ def recompute_forward(
     spec: Optional[ConvSpec],
     relu: bool,
     compute_dtype: torch.dtype,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, int]:
-    """``relu?(bn_train(layer(x)))`` without touching running statistics.
-
-    Returns ``(out, x_used, mean, var, invstd, count)``: ``x_used`` is ``x`` cast to
-    ``compute_dtype`` (usually ``x`` itself), ``mean``/``var`` (biased)/``invstd`` are float32 (or
-    float64) ``[C_out]`` vectors and ``count`` is the number of values per channel.
+    running_mean: Optional[Tensor] = None,
+    running_var: Optional[Tensor] = None,
+    num_batches_tracked: Optional[Tensor] = None,
+    momentum: Optional[float] = None,
+) -> Tensor:
+    """``relu?(bn_train(layer(x)))``, updating the running statistics (if given) exactly as
+    ``nn.BatchNorm`` does: ``num_batches_tracked`` first (also when the call is then rejected for one
+    value per channel, as in PyTorch), then PyTorch's own train-mode kernel ``native_batch_norm``
+    with the factor ``_BatchNorm.forward`` computes -- the running variance is the kernel's unbiased
+    batch variance, never rebuilt from ``invstd``. An empty batch leaves the running statistics
+    untouched and returns an empty output, as PyTorch does.
     """
-    x_used = x.to(compute_dtype)
+    x_used = x if x.dtype == compute_dtype else x.to(compute_dtype)
     y = _layer(x_used, weight.to(compute_dtype), _cast(bias, compute_dtype), spec)
-    count = y.numel() // y.shape[1]
-    if count == 1:  # as F.batch_norm: a variance from one value is meaningless (and /0 when unbiased)
-        raise ValueError(f"recompute_conv_bn: expected more than 1 value per channel when training, got a layer "
-                         f"output of size {tuple(y.shape)} from input {tuple(x.shape)}. Use a batch size > 1.")
-    if _fused_kernel_applies(y, gamma):
-        out, mean, invstd, var = _train_kernel(y, gamma, beta, eps)
-    else:  # mixed dtypes (autocast): float32 statistics, then the affine map
-        mean, var = batch_statistics(y)
-        invstd = torch.rsqrt(var + eps)
-        out = _normalize(y.to(mean.dtype), mean, invstd, gamma, beta, y.dtype, var, eps)
-    if relu:
-        out = out.relu_()
-    return out, x_used, mean, var, invstd, count
-
-
-def _fused_kernel_dtype(dtype: torch.dtype, gamma: Optional[Tensor]) -> bool:
-    return dtype in (torch.float32, torch.float64) and (gamma is None or gamma.dtype == dtype)
-
-
-def _fused_kernel_applies(y: Tensor, gamma: Optional[Tensor]) -> bool:
-    return _fused_kernel_dtype(y.dtype, gamma)
-
-
-def _train_kernel(y: Tensor, gamma: Optional[Tensor], beta: Optional[Tensor], eps: float):
-    """PyTorch's own fused train-mode BN kernel (statistics + normalize in one call, exactly what
-    ``nn.BatchNorm`` computes), without running buffers. Returns ``(out, mean, invstd, biased var)``."""
-    out, mean, invstd = torch.ops.aten.native_batch_norm(y, gamma, beta, None, None, True, 0.0, eps)
-    var = (1.0 / (invstd.double() ** 2) - eps).to(invstd.dtype)  # for the running-variance update
-    return out, mean, invstd, var
+    factor = update_factor_(num_batches_tracked, momentum)
+    if y.numel() == y.shape[1]:  # as F.batch_norm: one value per channel (after the counter, as PyTorch)
+        raise one_value_per_channel_error(y)
+    if y.numel() == 0:
+        return torch.empty_like(y)
+    out = torch.ops.aten.native_batch_norm(y, gamma, beta, running_mean, running_var, True, factor, eps)[0]
+    return out.relu_() if relu else out
 
 
 def recompute_backward(
@@ -214,41 +198,30 @@ def recompute_backward(
     bias: Optional[Tensor],
     gamma: Optional[Tensor],
     beta: Optional[Tensor],
-    mean: Tensor,
-    invstd: Tensor,
     eps: float,
     spec: Optional[ConvSpec],
     relu: bool,
     compute_dtype: torch.dtype,
     needs: Sequence[bool],
-    var: Optional[Tensor] = None,
 ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """Gradients ``(x, weight, bias, gamma, beta)`` of :func:`recompute_forward`; ``needs`` masks them.
-    ``var``: the forward's biased batch variance, so the ReLU mask is recomputed bit for bit.
 
-    Recomputes the layer output ``y`` from ``x_used``; never differentiates through the statistics
-    by autograd (the training-mode BN backward formula accounts for them).
+    Recomputes the layer output ``y`` from ``x_used`` and, with the same kernel on the bit-identical
+    ``y``, the forward's batch statistics and (for the ReLU mask) its output; never differentiates
+    through the statistics by autograd (the training-mode BN backward formula accounts for them).
     """
     need_x, need_w, need_b, need_gamma, need_beta = needs
     need_y = need_x or need_w or need_b
     w = weight.to(compute_dtype)
     y = _layer(x_used, w, _cast(bias, compute_dtype), spec)
+    if y.numel() == 0:  # an empty batch: every gradient is zero, as in plain PyTorch
+        return tuple(None if not need or t is None else torch.zeros_like(t)
+                     for need, t in zip(needs, (x_used, weight, bias, gamma, beta)))
     g = grad_out.to(y.dtype)
-    if mean is None:
-        # Nothing but x was saved (like torch.utils.checkpoint): the same kernel on the bit-identical
-        # recomputed y gives back the forward's statistics and output exactly.
-        z, mean, invstd, _ = _train_kernel(y, gamma, beta, eps)
-        if relu:
-            g = torch.ops.aten.threshold_backward(g, z, 0)
-        del z
-    elif relu:
-        # The forward output, recomputed bit for bit; relu's own backward masks with ``out > 0``.
-        if _fused_kernel_applies(y, gamma):
-            z = _train_kernel(y, gamma, beta, eps)[0]
-        else:
-            z = _normalize(y.to(mean.dtype, copy=True), mean, invstd, gamma, beta, y.dtype, var, eps)
+    z, mean, invstd = torch.ops.aten.native_batch_norm(y, gamma, beta, None, None, True, 0.0, eps)
+    if relu:  # the forward output, recomputed bit for bit; relu's own backward masks with ``out > 0``
         g = torch.ops.aten.threshold_backward(g, z, 0)
-        del z
+    del z
     gy, grad_gamma, grad_beta = torch.ops.aten.native_batch_norm_backward(
         g, y, gamma, None, None, mean, invstd, True, eps,
         [need_y, need_gamma and gamma is not None, need_beta and beta is not None],
@@ -278,43 +251,65 @@ def _differentiable_block(
     return torch.relu(z) if relu else z
 
 
+def _autocast_off(device: str, act: Optional[torch.dtype]):
+    return torch.autocast(device, enabled=False) if act is not None else contextlib.nullcontext()
+
+
+def _refuse_vmap_with_running_stats(who: str, tensors: Sequence[Optional[Tensor]], running: Optional[Tensor]) -> None:
+    if running is not None and any(is_batched(t) for t in tensors):
+        raise ConvBNError(
+            f"{who}: torch.func.vmap over a train-mode block that updates running statistics in place: the "
+            "per-sample statistics cannot be written into the one unbatched buffer (plain PyTorch refuses this "
+            "too). Use mode 'eval'/'tune' (running statistics), or plain 'train' with "
+            "torch.func.replace_all_batch_norm_modules_, or BatchNorm(track_running_stats=False)")
+
+
 class RecomputeConvBNFunction(torch.autograd.Function):
     """Conv/ConvTranspose/Linear -> BatchNorm (batch statistics) -> optional ReLU, recomputing ``y``.
 
-    Saves ``x`` (cast to the compute dtype) and the parameters -- plus the batch ``mean``/``invstd``/``var`` only under mixed dtypes (autocast);
-    never the conv output, the BN output nor a ReLU mask. Updates the running statistics in place.
+    Saves ``x`` (cast to the compute dtype) and the parameters; never the conv output, the BN output,
+    a ReLU mask nor per-channel statistics (backward recomputes them bit for bit). Updates the
+    running statistics in place. ``forward`` + ``setup_context``, so ``torch.func.grad``/``jacrev``
+    work; ``vmap`` works without running statistics and is refused (``ConvBNError``) with them.
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x, weight, bias, gamma, beta, running_mean, running_var, num_batches_tracked,  # type: ignore[override]
+    def forward(x, weight, bias, gamma, beta, running_mean, running_var, num_batches_tracked,  # type: ignore[override]
                 momentum, eps, spec, relu):
         device = x.device.type
         act = autocast_dtype(device)
+        check_input_dtype("recompute", x, weight, act)
+        _refuse_vmap_with_running_stats("recompute", (x, weight, bias, gamma, beta), running_mean)
         compute_dtype = act if act is not None else weight.dtype
-        with torch.autocast(device, enabled=False):
-            out, x_used, mean, var, invstd, count = recompute_forward(
-                x, weight, bias, gamma, beta, eps, spec, relu, compute_dtype)
-            if running_mean is not None:
-                update_running_stats_(running_mean, running_var, num_batches_tracked, mean, var, count, momentum)
-        if _fused_kernel_dtype(compute_dtype, gamma):  # the forward used it (y has the compute dtype)
-            mean = invstd = var = None  # backward reruns the fused kernel: save nothing per channel
-        ctx.save_for_backward(x_used, weight, bias, gamma, beta, mean, invstd, var)
+        with _autocast_off(device, act), running_stats_update("recompute"):
+            return recompute_forward(x, weight, bias, gamma, beta, eps, spec, relu, compute_dtype,
+                                     running_mean, running_var, num_batches_tracked, momentum)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, gamma, beta, _, _, _, _, eps, spec, relu = inputs
+        act = autocast_dtype(x.device.type)
+        compute_dtype = act if act is not None else weight.dtype
+        x_used = x if x.dtype == compute_dtype else x.to(compute_dtype)  # autocast's cast copy, as its conv saves
+        ctx.save_for_backward(x_used, weight, bias, gamma, beta)
         ctx.eps, ctx.spec, ctx.relu, ctx.compute_dtype = eps, spec, relu, compute_dtype
-        ctx.x_was_cast = x_used is not x and x_used.dtype != x.dtype
+        ctx.x_was_cast = x_used is not x
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype,
                       None if gamma is None else gamma.dtype, None if beta is None else beta.dtype)
-        return out
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        x_used, weight, bias, gamma, beta, mean, invstd, var = ctx.saved_tensors
+        x_used, weight, bias, gamma, beta = ctx.saved_tensors
         needs = ctx.needs_input_grad[:5]
-        if torch.is_grad_enabled():  # create_graph=True: differentiate a plain re-run of the block
+        wrapped = is_functorch_wrapped(grad_out) or is_functorch_wrapped(x_used)
+        if torch.is_grad_enabled() and not wrapped:  # create_graph=True: differentiate a plain re-run of the block
             grads = _double_differentiable_grads(ctx, grad_out, (x_used, weight, bias, gamma, beta), needs)
-        else:
-            with torch.autocast(grad_out.device.type, enabled=False):
-                grads = recompute_backward(grad_out, x_used, weight, bias, gamma, beta, mean, invstd, ctx.eps,
-                                           ctx.spec, ctx.relu, ctx.compute_dtype, needs, var)
+        else:  # (under torch.func, its transforms differentiate these aten ops themselves)
+            with _autocast_off(grad_out.device.type, autocast_dtype(grad_out.device.type)):
+                grads = recompute_backward(grad_out, x_used, weight, bias, gamma, beta, ctx.eps,
+                                           ctx.spec, ctx.relu, ctx.compute_dtype, needs)
         grads = tuple(None if g is None else g.to(dt) for g, dt in zip(grads, ctx.dtypes))
         return grads + (None,) * 7
 
@@ -327,7 +322,7 @@ def _double_differentiable_grads(ctx, grad_out: Tensor, inputs: Tuple[Optional[T
             "no graph back to x. Run this block in plain 'train' mode, or run the forward outside autocast."
         )
     wanted = [t for t, need in zip(inputs, needs) if need]
-    with torch.enable_grad(), torch.autocast(grad_out.device.type, enabled=False):
+    with torch.enable_grad(), _autocast_off(grad_out.device.type, autocast_dtype(grad_out.device.type)):
         z = _differentiable_block(*inputs, ctx.eps, ctx.spec, ctx.relu, ctx.compute_dtype)
         found = torch.autograd.grad(z, wanted, grad_out, create_graph=True, allow_unused=True)
     it = iter(found)
@@ -351,9 +346,7 @@ def _validate(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, nu
     if not isinstance(x, Tensor) or not isinstance(weight, Tensor):
         raise TypeError("recompute_conv_bn: x and weight must be Tensors, "
                         f"got {type(x).__name__} and {type(weight).__name__}.")
-    if not x.is_floating_point():
-        raise TypeError(f"recompute_conv_bn: x must be a floating-point tensor, got dtype {x.dtype}; "
-                        "convert it with x.float().")
+    check_input_dtype("recompute_conv_bn", x, weight, autocast_dtype(x.device.type))
     if spec is None:
         if x.dim() != 2 or weight.dim() != 2:
             raise ValueError(

@@ -29,42 +29,18 @@ is most of Tune's overhead over Deploy on a CPU. ``torch.compile``, autocast, ot
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from ..fold import scale_weight_per_out_channel, sum_per_out_channel
+from ._conv import ConvSpec, autocast_dtype, channel_view, check_input_dtype, plain_host_tensor, ptr, threads
+from ._conv import has_values as plain_tensor_values
+from ._conv import layer as _layer
 from .native import NativeLibrary, extension_mode
 
 __all__ = ["ConvSpec", "TuneConvBNFunction", "tune_conv_bn", "tune_forward", "tune_backward", "tune_route"]
-
-
-@dataclass(frozen=True)
-class ConvSpec:
-    """Geometry of the convolution; ``None`` in its place means a ``Linear`` layer."""
-
-    stride: Tuple[int, ...]
-    padding: Tuple[int, ...]
-    dilation: Tuple[int, ...]
-    transposed: bool
-    output_padding: Tuple[int, ...]
-    groups: int
-
-
-def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
-    """The autocast dtype active for ``device_type``, or ``None`` when autocast is off."""
-    try:
-        if torch.is_autocast_enabled(device_type):
-            return torch.get_autocast_dtype(device_type)
-        return None
-    except TypeError:  # torch < 2.4: device-less signatures
-        if device_type == "cpu":
-            return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
-        if device_type == "cuda":
-            return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
-        return None
 
 
 def _fold_dtype(weight: Tensor) -> torch.dtype:
@@ -100,8 +76,24 @@ class tune_route:
     and benchmarks -- all routes compute the same function and gradients.
 
     Example:
-        >>> with tune_route("weight"):
-        ...     pass
+        >>> w = torch.empty(8, 8, 3, 3)  # 576 weight elements
+        >>> with tune_route("weight"):  # forced, even for a tiny activation
+        ...     _activation_route(10, w)
+        False
+        >>> with tune_route("activation"):
+        ...     _activation_route(10**6, w)
+        True
+        >>> _activation_route(10, w), _activation_route(10**6, w)  # "auto": the smaller side
+        (True, False)
+        >>> conv, bn = torch.nn.Conv2d(3, 8, 3).double(), torch.nn.BatchNorm2d(8).double().eval()
+        >>> x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+        >>> outs = []
+        >>> for route in ROUTES:
+        ...     with tune_route(route):
+        ...         outs.append(tune_conv_bn(x, conv.weight, conv.bias, bn.running_mean, bn.running_var,
+        ...                                  bn.weight, bn.bias, bn.eps))
+        >>> all(torch.allclose(o, bn(conv(x)), rtol=1e-12, atol=1e-12) for o in outs)
+        True
     """
 
     def __init__(self, route: str):
@@ -139,17 +131,6 @@ def _activation_route(activation_numel: int, weight: Tensor, weight_passes: int 
     return _ROUTE == "activation" or (_ROUTE == "auto" and activation_numel < weight_passes * weight.numel())
 
 
-def _layer(x: Tensor, w: Tensor, b: Optional[Tensor], spec: Optional[ConvSpec]) -> Tensor:
-    if spec is None:
-        return torch.nn.functional.linear(x, w, b)
-    return torch.convolution(x, w, b, spec.stride, spec.padding, spec.dilation, spec.transposed,
-                             spec.output_padding, spec.groups)
-
-
-def _channel_view(v: Tensor, like: Tensor) -> Tensor:
-    return v.reshape((1, -1) + (1,) * (like.dim() - 2))
-
-
 def _per_channel_dot(a: Tensor, b: Tensor, spec: Optional[ConvSpec]) -> Tensor:
     """``sum(a * b)`` per output channel of two weight-shaped tensors, without materializing ``a * b``
     where the layout allows (one batched GEMV)."""
@@ -174,10 +155,9 @@ def tune_forward(
     """``bn_eval(layer(x))`` by folding. Returns ``(out, x_used, invstd, neg_mean)``; the last three
     are what backward needs (``x_used`` is ``x`` cast to ``compute_dtype``, usually ``x`` itself;
     ``neg_mean`` is a float32 copy of ``-running_mean``)."""
-    fdt = _fold_dtype(weight)
-    invstd = torch.rsqrt(running_var.to(fdt) + eps)
+    invstd, neg_mean = _running_vectors(weight, running_mean, running_var, eps)
+    fdt = invstd.dtype
     scale = _scale(gamma, invstd)
-    neg_mean = -running_mean.to(fdt)
     folded_bias = _bias_minus_mean(bias, neg_mean) * scale
     if beta is not None:
         folded_bias = folded_bias + beta.to(fdt)
@@ -185,10 +165,18 @@ def tune_forward(
     b = folded_bias.to(compute_dtype)
     if _activation_route(_output_numel(x, weight, spec), weight):
         out = _layer(x_used, weight.to(compute_dtype), None, spec)
-        out = torch.addcmul(_channel_view(b, out), out, _channel_view(scale.to(compute_dtype), out), out=out)
+        s = channel_view(scale.to(compute_dtype), out)
+        out = torch.addcmul(channel_view(b, out), out, s, out=out) if plain_tensor_values(out) else \
+            out * s + channel_view(b, out)
     else:
         out = _layer(x_used, _folded_weight(weight, scale, spec, compute_dtype), b, spec)
     return out, x_used, invstd, neg_mean
+
+
+def _running_vectors(weight: Tensor, running_mean: Tensor, running_var: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
+    """``(invstd, -running_mean)`` in the fold dtype (float32, float64 stays float64)."""
+    fdt = _fold_dtype(weight)
+    return torch.rsqrt(running_var.to(fdt) + eps), -running_mean.to(fdt)
 
 
 def _bias_minus_mean(bias: Optional[Tensor], neg_mean: Tensor) -> Tensor:
@@ -240,13 +228,15 @@ def tune_backward(
     grad_w = grad_b = grad_gamma = grad_beta = dot = sum_g = None
     # The activation route recovers dL/dw' = dL/dw / s and sum(g) = dL/db / s, so it needs s != 0
     # (a zero-initialized gamma breaks it). The check syncs: compiled graphs keep the weight route.
+    # meta tensors and torch.func wrappers have no values to check: the weight route.
     if need_gamma or need_beta:
-        nonzero = not torch.compiler.is_compiling() and bool((scale.abs() > 1e-30).all())
+        nonzero = not torch.compiler.is_compiling() and scale.device.type != "meta" and \
+            plain_tensor_values(scale) and bool((scale.abs() > 1e-30).all())
     else:
         nonzero = True
     # weight route: refold (2W) [+ s * dL/dw' (2W) if need_w]; activation route: g * s (2A)
     if nonzero and _activation_route(g.numel(), weight, weight_passes=2 if need_w else 1):
-        gs = g * _channel_view(scale.to(compute_dtype), g)
+        gs = g * channel_view(scale.to(compute_dtype), g)
         gx, gw, gb = _layer_backward(gs, x_used, weight.to(compute_dtype), spec,
                                      [need_x, need_w or need_gamma, need_b or need_gamma or need_beta])
         gw = None if gw is None else gw.to(fdt)
@@ -384,33 +374,37 @@ def _argtypes() -> dict:
 
 
 _LIB = NativeLibrary("tune", _CPP_SOURCE, _argtypes(), "Tune")
-_PLAIN = (Tensor, torch.nn.Parameter)
-
-
-def _ptr(t: Optional[Tensor]) -> Optional[int]:
-    return None if t is None else t.data_ptr()
-
-
-def _threads(numel: int) -> int:
-    # Waking OpenMP threads costs more than a small weight's whole pass.
-    return max(1, min(torch.get_num_threads(), numel // 65536))
 
 
 def _native_path(x: Tensor, weight: Tensor, vectors: Sequence[Optional[Tensor]], spec: Optional[ConvSpec]):
     """``(lib, sfx)`` when the C++ kernels apply (eager, no autocast, a float32/float64 CPU layer that
-    is not transposed, contiguous, with per-channel tensors of the weight's dtype), else ``None``."""
+    is not transposed, contiguous, with per-channel tensors of the weight's dtype; never for ``meta``
+    tensors, subclasses or ``torch.func`` wrappers), else ``None``."""
     if extension_mode() in ("torch", "sweeps") or torch.compiler.is_compiling():
         return None
-    if (spec is not None and spec.transposed) or type(weight) not in _PLAIN or weight.device.type != "cpu" \
+    if (spec is not None and spec.transposed) or not plain_host_tensor(weight) or not plain_host_tensor(x) \
             or weight.dtype not in (torch.float32, torch.float64) or not weight.is_contiguous() \
             or weight.numel() == 0 or autocast_dtype(x.device.type) is not None:
         return None
     for t in vectors:
-        if t is not None and (type(t) not in _PLAIN or t.dtype != weight.dtype or t.device.type != "cpu"
-                              or not t.is_contiguous()):
+        if t is not None and (not plain_host_tensor(t) or t.dtype != weight.dtype or not t.is_contiguous()):
             return None
     lib = _LIB.get()
     return None if lib is None else (lib, "f32" if weight.dtype == torch.float32 else "f64")
+
+
+def _native_vectors(native, weight: Tensor, bias: Optional[Tensor], running_mean: Tensor, running_var: Tensor,
+                    gamma: Optional[Tensor], beta: Optional[Tensor], eps: float) -> Tuple[Tensor, Tensor, int]:
+    """The kernel's per-channel ``(invstd, neg_mean, zeros)`` without the fold (``C``-sized work): what
+    backward needs, bit for bit as :func:`_native_forward` computed them."""
+    lib, sfx = native
+    c = weight.shape[0]
+    invstd, neg_mean, scale, folded_bias = (weight.new_empty(c) for _ in range(4))
+    zeros = getattr(lib, f"tune_fold_{sfx}")(
+        weight.data_ptr(), None, c, weight.numel() // c, running_mean.data_ptr(), running_var.data_ptr(),
+        ptr(gamma), ptr(beta), ptr(bias), float(eps), invstd.data_ptr(), neg_mean.data_ptr(), scale.data_ptr(),
+        folded_bias.data_ptr(), 1)
+    return invstd, neg_mean, zeros
 
 
 def _native_forward(native, x: Tensor, weight: Tensor, bias: Optional[Tensor], running_mean: Tensor,
@@ -427,12 +421,12 @@ def _native_forward(native, x: Tensor, weight: Tensor, bias: Optional[Tensor], r
     activation = _activation_route(_output_numel(x, weight, spec), weight)
     w = None if activation else torch.empty_like(weight)
     zeros = getattr(lib, f"tune_fold_{sfx}")(
-        weight.data_ptr(), _ptr(w), c, k, running_mean.data_ptr(), running_var.data_ptr(), _ptr(gamma),
-        _ptr(beta), _ptr(bias), float(eps), invstd.data_ptr(), neg_mean.data_ptr(), scale.data_ptr(),
-        folded_bias.data_ptr(), _threads(weight.numel()))
+        weight.data_ptr(), ptr(w), c, k, running_mean.data_ptr(), running_var.data_ptr(), ptr(gamma),
+        ptr(beta), ptr(bias), float(eps), invstd.data_ptr(), neg_mean.data_ptr(), scale.data_ptr(),
+        folded_bias.data_ptr(), threads(weight.numel()))
     if activation:
         out = _layer(x_used, weight, None, spec)
-        out = torch.addcmul(_channel_view(folded_bias, out), out, _channel_view(scale, out), out=out)
+        out = torch.addcmul(channel_view(folded_bias, out), out, channel_view(scale, out), out=out)
     else:
         out = _layer(x_used, w, folded_bias, spec)
     return out, x_used, invstd, neg_mean, scale, zeros
@@ -451,11 +445,11 @@ def _native_backward(native, grad_out: Tensor, x_used: Tensor, weight: Tensor, b
     activation = (zeros == 0 or not (need_gamma or need_beta)) and \
         _activation_route(g.numel(), weight, weight_passes=2 if need_w else 1)
     if activation:
-        gx, gw, gb = _layer_backward(g * _channel_view(scale, g), x_used, weight, spec, mask)
+        gx, gw, gb = _layer_backward(g * channel_view(scale, g), x_used, weight, spec, mask)
     else:
         w = torch.empty_like(weight)
         getattr(lib, f"tune_refold_{sfx}")(weight.data_ptr(), w.data_ptr(), c, k, scale.data_ptr(),
-                                            _threads(weight.numel()))
+                                            threads(weight.numel()))
         gx, gw, gb = _layer_backward(g, x_used, w, spec, mask)
         del w
     gw = None if gw is None else gw.contiguous()
@@ -463,9 +457,9 @@ def _native_backward(native, grad_out: Tensor, x_used: Tensor, weight: Tensor, b
     gbeta = weight.new_empty(c) if need_beta else None
     gbias = weight.new_empty(c) if need_b else None
     getattr(lib, f"tune_epilogue_{sfx}")(
-        _ptr(gw), weight.data_ptr(), c, k, scale.data_ptr(), int(activation), int(need_w), _ptr(gb), _ptr(bias),
-        neg_mean.data_ptr(), invstd.data_ptr(), _ptr(ggamma), _ptr(gbeta), _ptr(gbias),
-        _threads(weight.numel()))
+        ptr(gw), weight.data_ptr(), c, k, scale.data_ptr(), int(activation), int(need_w), ptr(gb), ptr(bias),
+        neg_mean.data_ptr(), invstd.data_ptr(), ptr(ggamma), ptr(gbeta), ptr(gbias),
+        threads(weight.numel()))
     return gx, gw if need_w else None, gbias, ggamma, gbeta
 
 
@@ -473,47 +467,59 @@ class TuneConvBNFunction(torch.autograd.Function):
     """Conv/Linear followed by BN-with-running-statistics, folded on the fly.
 
     Saves ``x``, the layer's weight and bias, ``gamma`` and two ``[C_out]`` vectors; never the conv output nor ``w'``.
-    Differentiable twice (backward is built from differentiable ops).
+    Differentiable twice (backward is built from differentiable ops), and usable under ``torch.func``
+    (``grad``, ``jacrev``, ``vmap``: ``forward`` + ``setup_context``, a generated vmap rule; the C++
+    kernels are skipped for ``torch.func``'s wrapped tensors).
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x, weight, bias, gamma, beta, running_mean, running_var, eps, spec):  # type: ignore[override]
-        if not x.is_floating_point():
-            raise TypeError(f"expected a floating-point input, got {x.dtype}; a conv cannot take integer or bool "
-                            f"tensors (plain PyTorch raises too). Convert it first, e.g. x.float()")
+    def forward(x, weight, bias, gamma, beta, running_mean, running_var, eps, spec):  # type: ignore[override]
+        act = autocast_dtype(x.device.type)
+        check_input_dtype("tune", x, weight, act)
         native = _native_path(x, weight, (bias, gamma, beta, running_mean, running_var), spec)
         if native is not None:
-            out, x_used, invstd, neg_mean, scale, zeros = _native_forward(
-                native, x, weight, bias, running_mean, running_var, gamma, beta, eps, spec)
-            ctx.save_for_backward(x_used, weight, bias, gamma, invstd, neg_mean)
-            ctx.native, ctx.zeros, ctx.spec, ctx.compute_dtype = native, zeros, spec, weight.dtype
-            ctx.dtypes = (x.dtype,) + (weight.dtype,) * 4
-            return out
-        act = autocast_dtype(x.device.type)
-        compute_dtype = act if act is not None and x.is_floating_point() else weight.dtype
+            return _native_forward(native, x, weight, bias, running_mean, running_var, gamma, beta, eps, spec)[0]
+        compute_dtype = act if act is not None else weight.dtype
         if act is not None:
             with torch.autocast(x.device.type, enabled=False):
-                out, x_used, invstd, neg_mean = tune_forward(
-                    x, weight, bias, running_mean, running_var, gamma, beta, eps, spec, compute_dtype)
-        else:
-            out, x_used, invstd, neg_mean = tune_forward(
-                x, weight, bias, running_mean, running_var, gamma, beta, eps, spec, compute_dtype)
+                return tune_forward(x, weight, bias, running_mean, running_var, gamma, beta, eps, spec,
+                                    compute_dtype)[0]
+        return tune_forward(x, weight, bias, running_mean, running_var, gamma, beta, eps, spec, compute_dtype)[0]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        # What backward needs besides the inputs is per-channel (C-sized) work, recomputed here
+        # exactly as forward computed it; x_used is x itself unless autocast casts it.
+        x, weight, bias, gamma, beta, running_mean, running_var, eps, spec = inputs
+        act = autocast_dtype(x.device.type)
+        native = _native_path(x, weight, (bias, gamma, beta, running_mean, running_var), spec)
+        with torch.no_grad():
+            if native is not None:
+                invstd, neg_mean, zeros = _native_vectors(native, weight, bias, running_mean, running_var, gamma,
+                                                          beta, eps)
+                compute_dtype = weight.dtype
+            else:
+                invstd, neg_mean = _running_vectors(weight, running_mean, running_var, eps)
+                zeros = None
+                compute_dtype = act if act is not None else weight.dtype
+        x_used = x if x.dtype == compute_dtype else x.to(compute_dtype)
         ctx.save_for_backward(x_used, weight, bias, gamma, invstd, neg_mean)
-        ctx.native, ctx.spec, ctx.compute_dtype = None, spec, compute_dtype
+        ctx.native, ctx.zeros, ctx.spec, ctx.compute_dtype = native, zeros, spec, compute_dtype
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype,
                       None if gamma is None else gamma.dtype, None if beta is None else beta.dtype)
-        return out
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         x_used, weight, bias, gamma, invstd, neg_mean = ctx.saved_tensors
         needs = ctx.needs_input_grad[:5]
-        if ctx.native is not None and not torch.is_grad_enabled():  # create_graph: differentiable ops
+        if ctx.native is not None and not torch.is_grad_enabled() and plain_host_tensor(grad_out):
             grads = _native_backward(ctx.native, grad_out, x_used, weight, bias, invstd, neg_mean,
                                      _scale(gamma, invstd), ctx.zeros, ctx.spec, needs)
-            return tuple(None if g is None else g.to(dt) for g, dt in zip(grads, ctx.dtypes)) + (None,) * 4
-        grads = tune_backward(grad_out, x_used, weight, bias, gamma, invstd, neg_mean, ctx.spec, ctx.compute_dtype,
-                              needs)
+        else:  # create_graph (differentiable ops), torch.func wrappers, or the torch-op path
+            grads = tune_backward(grad_out, x_used, weight, bias, gamma, invstd, neg_mean, ctx.spec,
+                                  ctx.compute_dtype, needs)
         grads = tuple(None if g is None else g.to(dt) for g, dt in zip(grads, ctx.dtypes))
         return grads + (None, None, None, None)
 

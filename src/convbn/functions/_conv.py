@@ -1,0 +1,154 @@
+"""Helpers shared by the three autograd Functions (tune, recompute, fission).
+
+The layer geometry (:class:`ConvSpec`), the layer call itself, the autocast query, per-channel views,
+the input checks every Function makes before computing anything, and the two helpers of the eager
+C++ paths (OpenMP thread count, optional data pointers) and the test of whether a tensor may be
+handed to them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ..errors import ConvBNError
+
+__all__ = ["ConvSpec", "autocast_dtype", "layer", "channel_view", "threads", "ptr", "plain_host_tensor",
+           "InputDTypeError", "check_input_dtype", "has_values", "is_functorch_wrapped", "is_batched",
+           "TorchFuncBufferError", "running_stats_update"]
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """Geometry of the convolution; ``None`` in its place means a ``Linear`` layer."""
+
+    stride: Tuple[int, ...]
+    padding: Tuple[int, ...]
+    dilation: Tuple[int, ...]
+    transposed: bool
+    output_padding: Tuple[int, ...]
+    groups: int
+
+
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The autocast dtype active for ``device_type``, or ``None`` when autocast is off (or the device
+    has no autocast, e.g. ``meta``).
+
+    Example:
+        >>> autocast_dtype("cpu") is None
+        True
+        >>> with torch.autocast("cpu", dtype=torch.bfloat16):
+        ...     autocast_dtype("cpu")
+        torch.bfloat16
+        >>> autocast_dtype("meta") is None
+        True
+    """
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+        return None
+    except TypeError:  # torch < 2.4: device-less signatures
+        if device_type == "cpu":
+            return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+        if device_type == "cuda":
+            return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+        return None
+    except RuntimeError:  # a device type autocast does not know ("meta")
+        return None
+
+
+def layer(x: Tensor, w: Tensor, b: Optional[Tensor], spec: Optional[ConvSpec]) -> Tensor:
+    """The conv (``spec``) or linear (``spec is None``) layer."""
+    if spec is None:
+        return torch.nn.functional.linear(x, w, b)
+    return torch.convolution(x, w, b, spec.stride, spec.padding, spec.dilation, spec.transposed,
+                             spec.output_padding, spec.groups)
+
+
+def channel_view(v: Tensor, like: Tensor) -> Tensor:
+    """A ``[C]`` vector viewed to broadcast along dim 1 of ``like`` (``[N, C, *]``)."""
+    return v.reshape((1, -1) + (1,) * (like.dim() - 2))
+
+
+def threads(numel: int) -> int:
+    """OpenMP threads for a kernel pass over ``numel`` elements: waking threads costs more than a
+    small tensor's whole pass."""
+    return max(1, min(torch.get_num_threads(), numel // 65536))
+
+
+def ptr(t: Optional[Tensor]) -> Optional[int]:
+    """``t.data_ptr()``, or ``None`` (a null pointer for ctypes) for an absent tensor."""
+    return None if t is None else t.data_ptr()
+
+
+def is_functorch_wrapped(t: Tensor) -> bool:
+    """Whether ``t`` is a ``torch.func`` wrapper (``grad``'s or ``vmap``'s); ``False`` under
+    ``torch.compile`` (which sees through no such wrapper, and cannot trace the query)."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
+def is_batched(t: Optional[Tensor]) -> bool:
+    """Whether ``t`` is a ``torch.func.vmap`` batched tensor (never under ``torch.compile``)."""
+    return t is not None and not torch.compiler.is_compiling() and torch._C._functorch.is_batchedtensor(t)
+
+
+def plain_host_tensor(t: Tensor) -> bool:
+    """Whether ``t`` is an ordinary CPU tensor whose memory a C++ kernel may read through
+    ``data_ptr()``: not a subclass, not a ``torch.func`` wrapper (vmap's batched tensors), not an
+    inference tensor of another device, not ``meta``."""
+    return type(t) in (Tensor, torch.nn.Parameter) and t.device.type == "cpu" and not is_functorch_wrapped(t)
+
+
+class InputDTypeError(ConvBNError, TypeError):
+    """A layer input of a dtype the layer cannot take (a ``ConvBNError`` and, as before, a ``TypeError``)."""
+
+
+def check_input_dtype(who: str, x: Tensor, weight: Tensor, autocast: Optional[torch.dtype]) -> None:
+    """Refuse what plain PyTorch's conv/linear refuses: a non-floating input ("Input type (long int)
+    and bias type (float) should be the same") and, outside autocast, an input whose dtype differs
+    from the weight's. Never cast silently to compute what plain PyTorch would not."""
+    if not x.is_floating_point():
+        raise InputDTypeError(
+            f"{who}: expected a floating-point input, got {x.dtype}; a conv/linear layer cannot take integer or "
+            f"bool tensors (plain PyTorch raises 'Input type ... should be the same'). Convert it first, e.g. "
+            f"x.float()")
+    if autocast is None and x.dtype != weight.dtype:
+        raise InputDTypeError(
+            f"{who}: the input is {x.dtype} but the layer's weight is {weight.dtype}; plain PyTorch refuses this "
+            f"('Input type and weight type should be the same') outside autocast. Cast the input "
+            f"(x.to({weight.dtype})) or the model, or run under torch.autocast")
+
+
+def has_values(t: Tensor) -> bool:
+    """Whether ``t``'s values may be read on the host or written through ``out=``: not ``meta``, not a
+    ``torch.func`` wrapper (``vmap`` forbids data-dependent control flow on batched tensors)."""
+    return t.device.type != "meta" and not is_functorch_wrapped(t)
+
+
+class TorchFuncBufferError(ConvBNError, RuntimeError):
+    """A ``torch.func`` transform refused the in-place running-statistics update of a train-mode
+    block (a ``ConvBNError`` and, like plain PyTorch's error for the same call, a ``RuntimeError``)."""
+
+
+@contextlib.contextmanager
+def running_stats_update(who: str) -> Iterator[None]:
+    """Turn ``torch.func``'s refusal to mutate a captured buffer into an error that says what to do.
+    Plain PyTorch's BatchNorm fails the same way (``num_batches_tracked.add_(1)``)."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if "mutate a captured Tensor" not in str(exc):
+            raise
+        raise TorchFuncBufferError(
+            f"{who}: a torch.func transform (grad/vjp/jacrev) refused the in-place update of this train-mode "
+            "block's running statistics, which the transformed function captured (plain PyTorch's BatchNorm "
+            "fails the same way). Pass the buffers as an input of the transformed function, e.g. "
+            "torch.func.grad(lambda p, b: loss(functional_call(model, (p, b), x)))(params, buffers); or use "
+            "mode 'eval'/'tune', BatchNorm(track_running_stats=False) or "
+            "torch.func.replace_all_batch_norm_modules_") from None
