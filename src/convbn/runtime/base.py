@@ -84,7 +84,7 @@ class Block:
             self.raise_unconsumed()
         self._pending, self._pending_fused, self._pending_stage = out, fused, stage
         if fused and not is_compiling():
-            self._pending_version = out._version
+            self._pending_version = _version(out)
         return out
 
     def take(self, input: Tensor, who: str, keep: bool = False) -> bool:
@@ -110,7 +110,7 @@ class Block:
                 f"`{who}` received the output of `{self._pending_stage}` directly, skipping `{expected}` (a branch the "
                 f"trace did not see). In {self.mode} mode that output already holds `{expected}`'s result, so `{who}` "
                 f"would see the wrong values. Exclude this block with filter_fn, or use mode 'eval' / plain 'train'")
-        if fused and not is_compiling() and input._version != self._pending_version:
+        if fused and not is_compiling() and _version(input) != self._pending_version:
             self._pending = None
             raise ConvBNError(
                 f"the output of `{self._pending_stage}` was modified in place before `{who}` received it (a forward "
@@ -175,6 +175,11 @@ class Block:
         if p.running_mean is None or p.running_var is None:
             return F.batch_norm(input, None, None, p.weight, p.bias, True, 0.0, p.eps)
         return F.batch_norm(input, p.running_mean, p.running_var, p.weight, p.bias, False, 0.0, p.eps)
+
+
+def _version(t: Tensor) -> int:
+    """The version counter (inference tensors have none, and cannot be modified in place outside inference mode)."""
+    return -1 if t.is_inference() else t._version
 
 
 def _hooked(m: Optional[nn.Module], pre: bool = False, forward: bool = False, backward: bool = False) -> bool:
