@@ -32,7 +32,7 @@ import convbn
 from convbn.bench.memory import saved_tensor_bytes
 from convbn.bench.peak import peak_live_tensor_bytes
 from convbn.bench.timing import add_benchmark_args, isolated_interleaved_timings, parameter_step
-from convbn.experiments.stats import calibrate_bn
+from convbn.bench.stats import calibrate_bn
 
 
 def _base(batch: int, size: int):

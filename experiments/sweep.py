@@ -14,8 +14,8 @@ import torch
 
 from .common import (ExperimentError, Progress, input_shape, make_input, memory_format_for, mode_variants,
                      resolve_model)
-from .compare import compare_modes, compare_ticks, format_table
-from .stats import calibrate_if_untouched
+from convbn.bench.compare import compare_modes, compare_ticks, format_table
+from convbn.bench.stats import calibrate_if_untouched
 
 __all__ = ["SweepConfig", "sweep_points", "run_sweep", "sweep_table", "CSV_COLUMNS"]
 
@@ -80,7 +80,7 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> Dict[str, Any]:
     calibrated = calibrate_if_untouched(model, make_input(calib_shape, cfg.seed + 1))
     if calibrated:
         notes.append("BN statistics calibrated (the model was freshly initialised)")
-    bar = Progress(len(points) * compare_ticks(len(variants), cfg.rounds, cfg.warmup), "bench", enabled=progress)
+    bar = Progress(len(points) * compare_ticks(len(variants), cfg.rounds), "bench", enabled=progress)
     records: List[Dict[str, Any]] = []
     for b, s in points:
         shape = input_shape(cfg.model, b, input_size=s, in_channels=cfg.channels, dims=cfg.dims)

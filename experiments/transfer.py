@@ -35,8 +35,8 @@ from torch import nn
 from convbn.bench.peak import LiveTensorMeter
 
 from .common import ExperimentError, Progress, convert_variant, mode_variants, resolve_model
-from .compare import format_table
-from .stats import bn_scales
+from convbn.bench.compare import format_table
+from convbn.bench.stats import bn_scales
 
 __all__ = ["TransferConfig", "run_transfer", "transfer_table"]
 
@@ -130,7 +130,7 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def _load_data(cfg: TransferConfig):
-    from convbn.data import load_digits_dataset
+    from experiments.data import load_digits_dataset
 
     try:
         return load_digits_dataset(image_size=cfg.image_size, channels=3, seed=cfg.split_seed,
