@@ -8,7 +8,8 @@ adversarial examples -- checked here element-wise.
 
 Attacks (L-infinity, untargeted; labels: the true digit for MobileNetV2 on digits images, seeded
 random labels for random inputs -- the clean prediction of a random-init net is so confident that
-its gradient underflows; no clamping to a pixel range because the inputs are standardised): FGSM ``x + eps * sign(g)``; PGD with a seeded uniform
+its gradient underflows; no clamping to a pixel range because the inputs are standardised):
+FGSM ``x + eps * sign(g)``; PGD with a seeded uniform
 random start, ``steps`` steps of size ``alpha``, projected onto the eps-ball. One *step* (timed and
 metered) = forward + backward to the input.
 
@@ -82,7 +83,8 @@ class AdversarialConfig:
             raise ExperimentError("adversarial: no models given; pass e.g. --models monai:resnet18")
         for name, ok in (("batch_size", self.batch_size >= 1), ("input_size", self.input_size >= 1),
                          ("eps", self.eps > 0), ("alpha", self.alpha > 0), ("steps", self.steps >= 1),
-                         ("rounds", self.rounds >= 1), ("warmup", self.warmup >= 0), ("tol", self.tol >= 0), ("check_batch", self.check_batch >= 1)):
+                         ("rounds", self.rounds >= 1), ("warmup", self.warmup >= 0), ("tol", self.tol >= 0),
+                         ("check_batch", self.check_batch >= 1)):
             if not ok:
                 raise ExperimentError(f"adversarial: invalid {name}={getattr(self, name)!r}")
 

@@ -117,7 +117,8 @@ def appendix_m_table(res: Dict[str, Any], limit: Optional[int] = None) -> str:
     t = res["total"]
     body.append(["TOTAL (all blocks tuned)", "", "", "", f"{t['predicted_paper_bytes'] / 1024:.1f}",
                  f"{t['predicted_convbn_bytes'] / 1024:.1f}", f"{t['measured_saving_bytes'] / 1024:.1f}",
-                 f"{t['measured_saving_bytes'] / t['predicted_convbn_bytes']:.3f}" if t["predicted_convbn_bytes"] else "-"])
+                 f"{t['measured_saving_bytes'] / t['predicted_convbn_bytes']:.3f}"
+                 if t["predicted_convbn_bytes"] else "-"])
     text = format_table(headers, body)
     if limit is not None and len(res["blocks"]) > limit:
         text += f"\n... {len(res['blocks']) - limit} more blocks in the JSON"

@@ -63,18 +63,23 @@ def run(args: argparse.Namespace) -> int:
     cfg = AdversarialConfig(models=tuple(models), batch_size=args.batch_size, input_size=args.input_size,
                             dims=args.dims, eps=args.eps, alpha=args.alpha, steps=args.steps, rounds=args.rounds,
                             warmup=args.warmup, dtype=args.dtype, tol=args.tol)
-    say(f"python -m experiments adversarial: {settings_line({'batch': cfg.batch_size, 'input': cfg.input_size, 'eps': round(cfg.eps, 5), 'alpha': round(cfg.alpha, 5), 'pgd_steps': cfg.steps, 'rounds': cfg.rounds, 'dtype': cfg.dtype, 'threads': torch.get_num_threads()})}")
+    settings = {"batch": cfg.batch_size, "input": cfg.input_size, "eps": round(cfg.eps, 5),
+                "alpha": round(cfg.alpha, 5), "pgd_steps": cfg.steps, "rounds": cfg.rounds, "dtype": cfg.dtype,
+                "threads": torch.get_num_threads()}
+    say(f"python -m experiments adversarial: {settings_line(settings)}")
     res = run_adversarial(cfg, progress=not args.quiet)
     res["threads"] = torch.get_num_threads()
     say("", adversarial_table(res), "", res["timing_note"])
-    bad = [r["model"] for r in res["rows"] if not (r["fgsm"]["identical_within_tol"] and r["pgd"]["identical_within_tol"])]
+    bad = [r["model"] for r in res["rows"]
+           if not (r["fgsm"]["identical_within_tol"] and r["pgd"]["identical_within_tol"])]
     json_path = write_json(out_path(args, args.json, "adversarial.json"), res)
     say(f"wrote {json_path}")
     if not args.no_plot:
         from .plots import plot_adversarial
 
         png = plot_adversarial(res["rows"], out_path(args, args.plot, "adversarial.png"),
-                               f"Tune vs Eval, adversarial step (batch {cfg.batch_size}, {cfg.input_size}px, {cfg.dtype})")
+                               f"Tune vs Eval, adversarial step (batch {cfg.batch_size}, {cfg.input_size}px, "
+                               f"{cfg.dtype})")
         say(f"wrote {png}")
     if bad:
         say(f"FAILED: eval and tune produced different adversarial examples in float64 for {', '.join(bad)}")

@@ -79,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
                         dims=args.dims, mode=args.mode, calibrate=not args.no_calibrate,
                         measure=not args.no_measure, progress=not args.quiet)
     report = res.pop("_report")
-    say(f"python -m experiments appendix-m {spec}: input {'x'.join(map(str, res['input_shape']))}, threads {torch.get_num_threads()}")
+    say(f"python -m experiments appendix-m {spec}: input {'x'.join(map(str, res['input_shape']))}, "
+        f"threads {torch.get_num_threads()}")
     for n in res["notes"]:
         say(f"note: {n}")
     say("", str(report), "")
@@ -93,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
         say("", "memory saved for backward by Tune over Eval, per block (KiB):",
             appendix_m_table(res["appendix_m"], limit=args.max_rows))
         t = res["appendix_m"]["total"]
-        say(f"whole model: eval saves {t['eval_saved_bytes'] / 2 ** 20:.2f} MiB, tune {t['tune_saved_bytes'] / 2 ** 20:.2f} "
+        say(f"whole model: eval saves {t['eval_saved_bytes'] / 2 ** 20:.2f} MiB, "
+            f"tune {t['tune_saved_bytes'] / 2 ** 20:.2f} "
             f"MiB (-{100 * t['measured_saving_bytes'] / t['eval_saved_bytes']:.0f}%)")
     name = f"inspect_{_slug(spec)}"
     json_path = write_json(out_path(args, args.json, name + ".json"), res)
@@ -102,9 +104,11 @@ def run(args: argparse.Namespace) -> int:
         from .plots import plot_appendix_m, plot_scale_histogram
 
         hist = out_path(args, args.plot, name + "_scales.png")
-        say(f"wrote {plot_scale_histogram(res['scales']['values'], hist, f'{spec}: gamma/sqrt(var+eps) per BN channel (paper Fig. 2a)')}")
+        title = f"{spec}: gamma/sqrt(var+eps) per BN channel (paper Fig. 2a)"
+        say(f"wrote {plot_scale_histogram(res['scales']['values'], hist, title)}")
         if "appendix_m" in res and res["appendix_m"]["blocks"]:
             base, _ = os.path.splitext(hist)
             path = (base[: -len("_scales")] if base.endswith("_scales") else base) + "_appendix_m.png"
-            say(f"wrote {plot_appendix_m(res['appendix_m']['blocks'], path, f'{spec}: Tune saving per block, predicted vs measured')}")
+            title = f"{spec}: Tune saving per block, predicted vs measured"
+            say(f"wrote {plot_appendix_m(res['appendix_m']['blocks'], path, title)}")
     return 0

@@ -1,4 +1,5 @@
-"""``python -m experiments sweep``: the efficiency sweep of paper Table 6 / Figure 3 (modes x batch sizes x input sizes)."""
+"""``python -m experiments sweep``: the efficiency sweep of paper Table 6 / Figure 3
+(modes x batch sizes x input sizes)."""
 
 from __future__ import annotations
 
@@ -60,7 +61,9 @@ def run(args: argparse.Namespace) -> int:
                       modes=tuple(args.modes) if args.modes else None, dims=args.dims, channels=args.channels,
                       dtype=args.dtype, channels_last=args.channels_last, rounds=args.rounds, warmup=args.warmup,
                       grid=args.grid, check_errors=args.check_errors)
-    say(f"python -m experiments sweep: {settings_line({'model': model, 'batch_sizes': list(cfg.batch_sizes), 'input_sizes': list(cfg.input_sizes), 'dtype': cfg.dtype, 'rounds': cfg.rounds, 'warmup': cfg.warmup, 'threads': torch.get_num_threads()})}")
+    settings = {"model": model, "batch_sizes": list(cfg.batch_sizes), "input_sizes": list(cfg.input_sizes),
+                "dtype": cfg.dtype, "rounds": cfg.rounds, "warmup": cfg.warmup, "threads": torch.get_num_threads()}
+    say(f"python -m experiments sweep: {settings_line(settings)}")
     res = run_sweep(cfg, progress=not args.quiet)
     res["threads"] = torch.get_num_threads()
     for n in res["notes"]:

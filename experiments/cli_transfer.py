@@ -69,7 +69,10 @@ def run(args: argparse.Namespace) -> int:
                          iterations=args.iterations, batch_size=args.batch_size, image_size=args.image_size,
                          lr=args.lr, head_lr=args.head_lr, momentum=args.momentum, weight_decay=args.weight_decay,
                          warmup_iters=min(args.warmup_iters, args.iterations))
-    say(f"python -m experiments transfer: {settings_line({'model': cfg.model, 'modes': ','.join(cfg.modes), 'seeds': list(cfg.seeds), 'iterations': cfg.iterations, 'batch': cfg.batch_size, 'image': cfg.image_size, 'lr': cfg.lr, 'head_lr': cfg.head_lr, 'threads': torch.get_num_threads()})}")
+    settings = {"model": cfg.model, "modes": ",".join(cfg.modes), "seeds": list(cfg.seeds),
+                "iterations": cfg.iterations, "batch": cfg.batch_size, "image": cfg.image_size, "lr": cfg.lr,
+                "head_lr": cfg.head_lr, "threads": torch.get_num_threads()}
+    say(f"python -m experiments transfer: {settings_line(settings)}")
     res = run_transfer(cfg, progress=not args.quiet)
     res["threads"] = torch.get_num_threads()
     d = res["data"]

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import copy
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
-import torch
 from torch import nn
 
 # The measurement plumbing is the library's (convbn.bench.compare, convbn.cli._options); re-exported here

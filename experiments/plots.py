@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any, Dict, List, Sequence
 
 from convbn.cli._plot import _color, _q, _save, plot_mode_bars, pyplot  # noqa: F401 (re-exported)

@@ -65,7 +65,8 @@ def render(d: str) -> str:
     parts: List[str] = ["# convbn results on this machine, next to the paper's", "",
                         "Regenerate everything (about 20 minutes on 2 cores):", "", "```", "bash benchmarks/run_all.sh",
                         "```", "",
-                        "which runs `convbn` (the main job) and each `python -m experiments` command once with its defaults (`--out-dir benchmarks/results`) "
+                        "which runs `convbn` (the main job) and each `python -m experiments` command once with "
+                        "its defaults (`--out-dir benchmarks/results`) "
                         "and rebuilds this file with `python -m experiments.results_md benchmarks/results`. "
                         "The paper's numbers are GPU (V100) numbers for ResNet-50 at 224-448 px; ours are CPU numbers "
                         "at small inputs, so compare *ratios*, not absolute values.", "",
@@ -102,7 +103,8 @@ def render(d: str) -> str:
     bench = _load(d, "bench.json")
     if bench:
         c = bench["config"]
-        parts += ["## Table 6 / Figure 3: memory and time vs batch size and input size (`python -m experiments sweep`)", "",
+        parts += ["## Table 6 / Figure 3: memory and time vs batch size and input size "
+                  "(`python -m experiments sweep`)", "",
                   f"{c['model']}, {c['dtype']}, {c['rounds']} rounds after {c['warmup']} warm-up per point, "
                   f"{bench.get('threads', '?')} thread(s). ![bench](results/bench.png)", ""]
         by: Dict[Any, Dict[str, Any]] = {}
@@ -203,7 +205,8 @@ def render(d: str) -> str:
                          [[a, b, es, ts, f"{ts / es:.2f}", eg, tg, f"{tg / eg:.2f}"]
                           for a, b, es, ts, eg, tg in PAPER_TABLE10]), ""]
 
-    insp = [f for f in sorted(os.listdir(d)) if f.startswith("inspect_") and f.endswith(".json")] if os.path.isdir(d) else []
+    files = sorted(os.listdir(d)) if os.path.isdir(d) else []
+    insp = [f for f in files if f.startswith("inspect_") and f.endswith(".json")]
     if insp:
         parts += ["## Figure 2a and Appendix M (`python -m experiments appendix-m`)", "",
                   "Paper Fig. 2a: the scaling coefficients γ/√(σ²+ε) of pretrained backbones range from about 0 to 30. "
@@ -220,7 +223,8 @@ def render(d: str) -> str:
                          f"{s['min']:.3f} / {s['median']:.2f} / {s['max']:.1f}",
                          f"{s['share_below_1'] * 100:.0f}% / {s['share_above_10'] * 100:.1f}%",
                          "synthetic (calibrated)" if r["notes"] else "pretrained",
-                         _mib(t["predicted_paper_bytes"]) if t else "-", _mib(t["predicted_convbn_bytes"]) if t else "-",
+                         _mib(t["predicted_paper_bytes"]) if t else "-",
+                         _mib(t["predicted_convbn_bytes"]) if t else "-",
                          _mib(t["measured_saving_bytes"]) if t else "-",
                          f"[hist](results/{stem}_scales.png), [App. M](results/{stem}_appendix_m.png)"])
         parts += [_table(["model", "input", "γ/√(σ²+ε) min / median / max", "< 1 / > 10", "BN statistics",

@@ -46,7 +46,8 @@ class SweepConfig:
                 raise ExperimentError(f"{name} must be positive integers, got {vals!r}")
             setattr(self, name, vals)
         if self.rounds < 1 or self.warmup < 0:
-            raise ExperimentError(f"rounds must be >= 1 and warmup >= 0, got rounds={self.rounds}, warmup={self.warmup}")
+            raise ExperimentError(f"rounds must be >= 1 and warmup >= 0, got rounds={self.rounds}, "
+                                  f"warmup={self.warmup}")
 
 
 def sweep_points(cfg: SweepConfig) -> Tuple[List[Tuple[int, int]], int, int]:
@@ -145,7 +146,8 @@ def sweep_table(result: Dict[str, Any]) -> str:
         headers += ["tune/eval mem", "tune/eval time (IQR)"]
     body = []
     for (b, s), rs in by_point.items():
-        row = [b, s] + [f"{mib(rs[m]['peak_bytes']):.1f}" for m in modes] + [f"{rs[m]['median_s'] * 1e3:.1f}" for m in modes]
+        row = ([b, s] + [f"{mib(rs[m]['peak_bytes']):.1f}" for m in modes]
+               + [f"{rs[m]['median_s'] * 1e3:.1f}" for m in modes])
         if has_ratio:
             t = rs["tune"]["time_ratio_vs_eval"]
             row += [f"{rs['tune']['peak_bytes'] / rs['eval']['peak_bytes']:.2f}",

@@ -82,7 +82,8 @@ class TransferConfig:
     def __post_init__(self) -> None:
         self.modes, self.seeds = tuple(self.modes), tuple(self.seeds)
         checks = [("iterations", self.iterations >= 1), ("batch_size", self.batch_size >= 2),
-                  ("image_size", self.image_size >= 1), ("lr", self.lr > 0), ("head_lr", self.head_lr > 0), ("seeds", len(self.seeds) >= 1),
+                  ("image_size", self.image_size >= 1), ("lr", self.lr > 0), ("head_lr", self.head_lr > 0),
+                  ("seeds", len(self.seeds) >= 1),
                   ("momentum", 0 <= self.momentum < 1), ("weight_decay", self.weight_decay >= 0),
                   ("warmup_iters", self.warmup_iters >= 0), ("log_every", self.log_every >= 1),
                   ("test_fraction", 0 < self.test_fraction < 1)]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
 import importlib
 import importlib.util
 from typing import Iterator
@@ -11,9 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-import experiments.models.builtin as builtin_mod
 import experiments.models.mobilenet_v2 as mnv2_mod
-import experiments.models.registry as registry_mod
 from experiments.models import (
     MobileNetV2,
     available_models,
@@ -34,10 +31,6 @@ def count(model: nn.Module, kinds: tuple) -> int:
 
 
 # ----------------------------------------------------------------------------- small_resnet
-
-def test_builtin_docstring_examples_run() -> None:
-    assert doctest.testmod(builtin_mod).failed == 0
-
 
 @pytest.mark.parametrize("dims", [1, 2, 3])
 def test_small_resnet_forward_backward_each_dims(dims: int) -> None:
@@ -141,16 +134,7 @@ def test_missing_weights_package_says_how_to_install(monkeypatch: pytest.MonkeyP
         build_model("mobilenet_v2_pretrained")
 
 
-@needs_weights
-def test_mobilenet_docstring_examples_run() -> None:
-    assert doctest.testmod(mnv2_mod).failed == 0
-
-
 # ----------------------------------------------------------------------------- registry
-
-def test_registry_docstring_examples_run() -> None:
-    assert doctest.testmod(registry_mod).failed == 0
-
 
 def test_available_models_lists_builtins_and_monai() -> None:
     names = available_models()

@@ -21,8 +21,8 @@ def pyplot() -> Any:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise CLIError("plots need matplotlib, which is not installed. Install it with "
-                              "`pip install matplotlib` (or `pip install \"convbn[bench]\"`), or pass --no-plot") from None
+        raise CLIError("plots need matplotlib, which is not installed. Install it with `pip install matplotlib` "
+                       "(or `pip install \"convbn[bench]\"`), or pass --no-plot") from None
     return plt
 
 
