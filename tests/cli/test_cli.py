@@ -119,19 +119,37 @@ def test_inspect_user_model_prints_report_and_writes_json(tmp_path, capsys):
     assert len(data["report"]["rows"]) == 2 and len(data["scales"]["values"]) == 16
 
 
-def test_bench_refuses_a_detector_clearly(capsys):
-    pytest.importorskip("torchvision", reason="needs torchvision (the primary CI leg has it)")
-    assert main(["bench", "torchvision:ssdlite320_mobilenet_v3_large", "--input-size", "64", "--rounds", "0",
-                 "--quiet"]) == 1
-    assert "use `convbn inspect`" in capsys.readouterr().err
-
-
 def _importable(name: str) -> bool:
     try:
         __import__(name)
     except Exception:  # absent, or built for another torch (torchvision on the torch 2.13 leg)
         return False
     return True
+
+
+@pytest.mark.skipif(not _importable("torchvision"), reason="needs torchvision (installed in the primary CI leg)")
+def test_bench_refuses_a_detector_clearly(capsys):
+    assert main(["bench", "torchvision:ssdlite320_mobilenet_v3_large", "--input-size", "64", "--rounds", "0",
+                 "--quiet"]) == 1
+    assert "use `convbn inspect`" in capsys.readouterr().err
+
+
+def test_missing_optional_package_is_a_clear_error(capsys, monkeypatch):
+    import convbn.cli._spec as spec_mod
+
+    real = spec_mod.importlib.import_module
+
+    def fake(name, *a):
+        if name.split(".")[0] in ("torchvision", "timm", "monai"):
+            raise ImportError(f"No module named {name!r}")
+        return real(name, *a)
+
+    monkeypatch.setattr(spec_mod.importlib, "import_module", fake)
+    for spec, package in (("torchvision:resnet18", "torchvision"), ("timm:resnet18", "timm"),
+                          ("monai:resnet18", "monai")):
+        assert main(["inspect", spec]) == 1
+        err = capsys.readouterr().err
+        assert f"needs {package}, which is not importable here" in err and f"pip install {package}" in err, err
 
 
 @pytest.mark.slow
