@@ -6,9 +6,11 @@ Variants (all fwd+bwd, the running statistics updated each call):
   convbn          convbn.functions.bn_fission.bn_relu_train (C++ kernel)
   convbn_compiled torch.compile of bn_relu_train (the custom ops stay opaque)
 
-Each round runs every variant once in a shuffled order; we report per-variant median times and the
-median over rounds of the per-round ratio ``eager / variant`` (> 1 is faster than eager), which is
-robust to the shared, noisy CPU. Compile time = first call (fwd+bwd) minus a steady-state call.
+Each variant runs in its own process (``convbn.bench.timing.isolated_interleaved_timings``: variants sharing a
+process share its allocator and each other's page faults); each round runs every variant once in a shuffled
+order; we report per-variant median times and the median over rounds of the per-round ratio ``eager / variant``
+(> 1 is faster than eager), which is robust to the shared, noisy CPU. Compile time = first call (fwd+bwd) minus a
+steady-state call, measured in this process.
 
     python benchmarks/bench_bn_fission.py                 # writes benchmarks/results/bn_fission.json
     python benchmarks/bench_bn_fission.py --rounds 20 --shapes 32,256,28,28 --threads 1 2
@@ -17,6 +19,7 @@ robust to the shared, noisy CPU. Compile time = first call (fwd+bwd) minus a ste
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -31,8 +34,9 @@ if "--warm-cache" not in sys.argv:  # cold inductor cache so compile times are w
 
 import torch  # noqa: E402
 
-from convbn.functions import bn_fission
-from convbn.functions.native import build_library
+from convbn.bench.timing import isolated_interleaved_timings  # noqa: E402
+from convbn.functions import bn_fission  # noqa: E402
+from convbn.functions.native import build_library  # noqa: E402
 
 SHAPES = [(32, 256, 28, 28), (32, 128, 56, 56), (32, 512, 14, 14)]  # DenseNet-121 block 2/1/3 widths
 
@@ -81,19 +85,21 @@ def _time(fn) -> float:
     return time.perf_counter() - t0
 
 
-def bench(shape, channels_last: bool, rounds: int, warmup: int) -> dict:
+def _variant_step(name: str, shape, channels_last: bool):
+    """Builds one variant's step in its worker process."""
+    torch.manual_seed(0)
+    return _variants(shape, channels_last)[name]
+
+
+def bench(shape, channels_last: bool, rounds: int, warmup: int, threads: int) -> dict:
     torch._dynamo.reset()
     steps = _variants(shape, channels_last)
     first = {k: _time(f) for k, f in steps.items()}  # includes compilation for the compiled variants
-    for _ in range(warmup):
-        for f in steps.values():
-            f()
-    times = {k: [] for k in steps}
-    order = list(steps)
-    for _ in range(rounds):
-        random.shuffle(order)
-        for k in order:
-            times[k].append(_time(steps[k]))
+    steady = {k: _time(f) for k, f in steps.items()}
+    res = isolated_interleaved_timings(
+        {k: functools.partial(_variant_step, k, shape, channels_last) for k in steps},
+        rounds=rounds, warmup=warmup, order="shuffle", seed=0, threads=threads)
+    times = res.times
     med = {k: statistics.median(v) for k, v in times.items()}
     ratios = {k: statistics.median(e / t for e, t in zip(times["eager"], times[k])) for k in steps}
     return {
@@ -104,7 +110,7 @@ def bench(shape, channels_last: bool, rounds: int, warmup: int) -> dict:
         "convbn_vs_compiled_ratio": round(statistics.median(
             c / f for c, f in zip(times["compiled"], times["convbn"])), 3),
         "first_call_s": {k: round(v, 2) for k, v in first.items()},
-        "compile_s": {k: round(first[k] - med[k], 2) for k in ("compiled", "convbn_compiled")},
+        "compile_s": {k: round(first[k] - steady[k], 2) for k in ("compiled", "convbn_compiled")},
         "raw_ms": {k: [round(t * 1e3, 3) for t in v] for k, v in times.items()},
     }
 
@@ -145,7 +151,7 @@ def main() -> None:
     for threads in args.threads or sorted({torch.get_num_threads(), 1}, reverse=True):
         torch.set_num_threads(threads)
         for shape, cl in configs:
-            r = {"threads": threads, **bench(shape, cl, args.rounds, args.warmup)}
+            r = {"threads": threads, **bench(shape, cl, args.rounds, args.warmup, threads)}
             print(f"t={threads} {str(shape):>18} cl={cl!s:5} ms={r['median_ms']} "
                   f"ratio_vs_eager={r['median_ratio_vs_eager']} compile_s={r['compile_s']}", flush=True)
             results.append(r)

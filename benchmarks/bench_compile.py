@@ -45,7 +45,7 @@ import torch  # noqa: E402
 
 import convbn  # noqa: E402
 from convbn.bench.timing import add_benchmark_args, isolated_interleaved_timings  # noqa: E402
-from convbn.experiments.stats import calibrate_bn  # noqa: E402
+from convbn.bench.stats import calibrate_bn  # noqa: E402
 
 BASELINE = "eager_eval"
 VARIANTS = ("eager_eval", "eager_tune", "compiled_eval", "compiled_eval_ecbe", "compiled_tune", "compiled_deploy")

@@ -6,7 +6,8 @@ Variants (all PyTorch train-mode semantics, forward+backward w.r.t. parameters):
   checkpoint  torch.utils.checkpoint (non-reentrant) around every Conv-BN(-ReLU) block
 
 Measures saved-for-backward bytes, peak live tensor bytes and step time (warm-up, interleaved
-rounds, median of per-round ratios; each variant in its own process, as in bench_tune.py). Targets (issue 3): saved recompute/plain <= 0.60; time
+rounds, median of per-round ratios; each variant in its own process, as in bench_tune.py).
+Targets (issue 3): saved recompute/plain <= 0.60; time
 recompute/plain <= 1.25; recompute faster than checkpoint at <= its memory.
 
     python benchmarks/bench_recompute.py [--rounds 12] [--out benchmarks/results/recompute.json]
@@ -151,7 +152,8 @@ def main() -> None:
     print(f"MONAI ResNet-50 train, batch {args.batch}, {args.size}x{args.size}, {args.rounds} interleaved rounds, "
           f"{torch.get_num_threads()} threads; {result['setup']['recompute_blocks']} recompute blocks, "
           f"{n_ckpt} checkpointed blocks")
-    print(f"{'variant':11}{'saved MiB':>11}{'retained MiB':>14}{'peak MiB':>10}{'median s':>10}{'out err':>10}{'grad L2':>10}")
+    print(f"{'variant':11}{'saved MiB':>11}{'retained MiB':>14}{'peak MiB':>10}{'median s':>10}"
+          f"{'out err':>10}{'grad L2':>10}")
     for k in models:
         sv = f"{saved[k] * mib:11.1f}" if k in saved else f"{'n/a':>11}"
         print(f"{k:11}{sv}{retained[k] * mib:14.1f}{peak[k] * mib:10.1f}"

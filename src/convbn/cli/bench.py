@@ -1,80 +1,138 @@
-"""``convbn bench``: the efficiency sweep of paper Table 6 / Figure 3 (modes x batch sizes x input sizes)."""
+"""``convbn bench SPEC``: every mode side by side on your model (saved bytes, peak bytes, time, error vs eval)."""
 
 from __future__ import annotations
 
 import argparse
+import time
+from typing import Optional
 
 import torch
 
-from convbn.experiments.common import monai_available, write_json
-from convbn.experiments.sweep import CSV_COLUMNS, SweepConfig, csv_rows, run_sweep, sweep_table
-
-from ._options import (HelpFormatter, add_model_options, add_run_options, int_list, out_path, say,
-                       settings_line, setup_threads, str_list, write_csv)
+from ..bench.compare import compare_modes, compare_ticks, mib, mode_variants
+from ..bench.stats import calibrate_if_untouched
+from ._options import (CLIError, HelpFormatter, Progress, add_model_options, add_run_options, memory_format_for,
+                       out_path, parse_dtype, require, say, settings_line, setup_threads, str_list, write_json)
+from ._spec import build_workload, split_spec
 
 DESCRIPTION = """\
-Paper Table 6 / Figure 3 on CPU: peak live tensor memory, bytes saved for backward and median step
-time (forward + backward) of every mode, while the batch size and the input size vary.
+Put SPEC's model in every ConvBN mode (train, train+recompute, train+fission, eval, tune, deploy)
+and measure, side by side, one training step (forward + backward of sum(out * g), g fixed random):
 
-By default two one-dimensional sweeps share their centre point: every batch size at the middle
-input size, and every input size at the middle batch size (what Figure 3 plots); --grid measures
-all combinations. Each point times the modes in interleaved rounds after warm-up and reports the
-median and the per-round ratio against eval (IQR). Writes JSON (and optionally CSV) with the raw
-per-round times, and a PNG with memory and time vs batch size and vs input size."""
+  saved MiB        bytes autograd keeps for backward (exact, deterministic)
+  peak MiB         peak bytes of live tensors during forward + backward (a TorchDispatchMode meter,
+                   not process RSS; parameters and the input are not counted)
+  step ms          median wall time over interleaved rounds after warm-up, each mode in its own
+                   process (convbn.bench.timing.isolated_interleaved_timings)
+  time/eval        median of the per-round ratio t_mode / t_eval, with its IQR
+  err vs eval      max relative error (max|a-b| / max|b|) of the output and of dLoss/dinput against
+                   eval mode (train uses batch statistics: a different function by design)
+
+BN statistics of a freshly built model (mean 0, var 1 everywhere) are calibrated first so every mode
+computes something realistic. SPEC: package.module:factory (your model), torchvision:NAME,
+timm:NAME or monai:NAME. The model must take one batch tensor (detectors: use `convbn inspect`)."""
 
 EPILOG = """\
 examples:
-  convbn bench                                          # monai:resnet18 (or small_resnet), 2-D
-  convbn bench --model small_resnet --batch-sizes 8,16,32,64 --input-sizes 32,64,96
-  convbn bench --model monai:resnet50 --dims 3 --input-sizes 16,24,32 --batch-sizes 1,2,4
-  convbn bench --modes eval,tune,deploy --rounds 10 --csv sweep.csv
-  convbn bench --dtype bfloat16 --channels-last
-  convbn bench --grid --json results/bench.json --plot results/bench.png
+  convbn bench torchvision:resnet50 --input-size 112 --batch-size 8
+  convbn bench timm:efficientnet_b0 --modes eval,tune,deploy --rounds 10 --threads 2
+  convbn bench monai:unet --dims 3 --input-size 32 --batch-size 2
+  convbn bench mypkg.nets:build --input-size 128 --channels 1 --dtype float64 --rounds 0   # memory only
 """
 
 
-def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser("bench", help="Table 6 / Fig. 3: memory and time vs batch size and input size",
-                       description=DESCRIPTION, epilog=EPILOG, formatter_class=HelpFormatter)
-    add_model_options(p, None)
-    p.add_argument("--batch-sizes", type=int_list, default=[2, 4, 8, 16], help="comma-separated batch sizes")
-    p.add_argument("--input-sizes", type=int_list, default=[32, 64, 96], help="comma-separated spatial sides")
-    p.add_argument("--grid", action="store_true", help="every (batch, size) pair instead of two 1-D sweeps")
-    p.add_argument("--modes", type=str_list, default=None, help="comma-separated modes (default: all available)")
-    p.add_argument("--rounds", "--repetitions", type=int, default=3, dest="rounds",
-                   help="timed rounds per point (each runs every mode once)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up calls per mode and point")
+def add_measure_options(p: argparse.ArgumentParser, *, batch_size: int) -> None:
+    p.add_argument("--batch-size", "-b", type=int, default=batch_size, help="batch size")
+    p.add_argument("--input-size", type=int, default=None,
+                   help="spatial side of the input (default: the model's; required for your own model)")
+    p.add_argument("--modes", type=str_list, default=None,
+                   help="comma-separated subset of train,train+recompute,train+fission,eval,tune,deploy "
+                        "(default: all this convbn supports)")
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds (each runs every mode once); 0: no timing")
+    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up calls per mode")
     p.add_argument("--dtype", default="float32", help="float32, float64 or bfloat16")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
-    p.add_argument("--check-errors", action="store_true", help="also measure the error vs eval at each point")
-    p.add_argument("--csv", default=None, metavar="PATH", help="also write the records as CSV")
-    add_run_options(p, out_name="bench")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("bench", help="every mode on your model: memory, time, error vs eval",
+                       description=DESCRIPTION, epilog=EPILOG, formatter_class=HelpFormatter)
+    add_model_options(p, None, positional=True)
+    add_measure_options(p, batch_size=8)
+    add_run_options(p, out_name="bench_SPEC", plot=False)
+    p.add_argument("--plot", default=None, metavar="PATH", help="also write a PNG bar chart (needs matplotlib)")
     p.set_defaults(func=run, command="bench")
     return p
 
 
-def run(args: argparse.Namespace) -> int:
+def measure(args: argparse.Namespace, spec: str, json_name: str, png: Optional[str], size: Optional[int]) -> int:
+    """The comparison shared by ``convbn`` (the default run) and ``convbn bench``."""
+    start = time.perf_counter()
+    if args.rounds < 0 or args.warmup < 0:
+        raise CLIError(f"--rounds and --warmup must be >= 0, got {args.rounds} and {args.warmup}")
+    prefix, _ = split_spec(spec)
+    # optional dependencies first: fail before any work, saying what to install
+    if prefix == "monai":
+        require("monai", why=f"the model {spec}")
+    if png is not None:
+        require("matplotlib", why="the PNG (pass --no-plot to skip it)")
     setup_threads(args)
-    model = args.model or ("monai:resnet18" if monai_available() else "small_resnet")
-    cfg = SweepConfig(model=model, batch_sizes=tuple(args.batch_sizes), input_sizes=tuple(args.input_sizes),
-                      modes=tuple(args.modes) if args.modes else None, dims=args.dims, channels=args.channels,
-                      dtype=args.dtype, channels_last=args.channels_last, rounds=args.rounds, warmup=args.warmup,
-                      grid=args.grid, check_errors=args.check_errors)
-    say(f"convbn bench: {settings_line({'model': model, 'batch_sizes': list(cfg.batch_sizes), 'input_sizes': list(cfg.input_sizes), 'dtype': cfg.dtype, 'rounds': cfg.rounds, 'warmup': cfg.warmup, 'threads': torch.get_num_threads()})}")
-    res = run_sweep(cfg, progress=not args.quiet)
-    res["threads"] = torch.get_num_threads()
-    for n in res["notes"]:
+    variants, notes = mode_variants(args.modes)
+    dtype = parse_dtype(args.dtype)
+    work = build_workload(spec, batch_size=args.batch_size, input_size=size, in_channels=args.channels,
+                          dims=args.dims, seed=0)
+    x = work.batch
+    model = work.model
+    if calibrate_if_untouched(model, x):
+        notes.append("BN statistics calibrated (freshly built model): batch statistics of one random batch, "
+                     "perturbed")
+    fmt = memory_format_for(x, args.channels_last)
+    x = x.to(dtype).contiguous(memory_format=fmt)
+    model = model.to(dtype)
+    if args.channels_last:
+        model = model.to(memory_format=fmt)
+    settings = {"model": spec, "input": "x".join(map(str, x.shape)), "dtype": args.dtype, "rounds": args.rounds,
+                "warmup": args.warmup, "threads": torch.get_num_threads(), "channels_last": args.channels_last}
+    say(f"convbn: {settings_line(settings)}")
+    for n in notes:
         say(f"note: {n}")
-    say("", "peak live tensor MiB and median step ms per mode:", sweep_table(res), "")
-    json_path = write_json(out_path(args, args.json, "bench.json"), res)
+    bar = Progress(compare_ticks(len(variants), args.rounds), "measuring", enabled=not args.quiet)
+    res = compare_modes(model, x, variants, rounds=args.rounds, warmup=args.warmup, progress=bar)
+    say("", res.table(), "")
+    counts = next((r.blocks for r in res.rows if r.name == "tune"), res.rows[0].blocks if res.rows else {})
+    say(f"blocks (tune): {counts.get('converted', 0)} converted, {counts.get('fallback', 0)} fallback, "
+        f"{counts.get('skipped', 0)} skipped -- `convbn inspect {spec}` says which and why")
+    if args.rounds:
+        say(f"step = forward + backward of sum(out * g), fixed random g; time = median of {args.rounds} interleaved "
+            f"rounds after {args.warmup} warm-up, each mode in its own process; time/eval = median (IQR) of "
+            f"per-round ratios.")
+    say("err: float32 round-off; dL/dx of a deep net amplifies it where a ReLU input sits next to 0 (tune and "
+        "deploy fold the BN alike, so they agree with each other); --dtype float64 shows the exact agreement.")
+    if any(r.name == "eval" for r in res.rows) and any(r.name == "tune" for r in res.rows):
+        ev, tu = res.row("eval"), res.row("tune")
+        line = (f"tune vs eval: peak memory -{100 * (1 - tu.peak_bytes / ev.peak_bytes):.0f}% "
+                f"({mib(ev.peak_bytes):.1f} -> {mib(tu.peak_bytes):.1f} MiB), saved-for-backward "
+                f"-{100 * (1 - tu.saved_bytes / ev.saved_bytes):.0f}%")
+        if tu.time_ratio_vs_eval:
+            line += f", time x{tu.time_ratio_vs_eval['median']:.2f}"
+        say(line)
+    json_path = out_path(args, args.json, json_name)
+    write_json(json_path, {"experiment": "all modes side by side", "settings": settings,
+                           "elapsed_s": time.perf_counter() - start, "notes": notes, **res.to_dict()})
     say(f"wrote {json_path}")
-    if args.csv:
-        say(f"wrote {write_csv(args.csv, CSV_COLUMNS, csv_rows(res))}")
-    if not args.no_plot:
-        from convbn.experiments.plots import plot_sweep
+    if png is not None:
+        from ._plot import plot_mode_bars
 
-        png = plot_sweep(res["records"], out_path(args, args.plot, "bench.png"),
-                         f"{model}, {cfg.dtype}, {res['threads']} thread(s): peak memory and step time",
-                         res["fixed_size"], res["fixed_batch"])
-        say(f"wrote {png}")
+        title = f"convbn modes: {spec}, input {settings['input']}, {args.dtype}, {settings['threads']} thread(s)"
+        say(f"wrote {plot_mode_bars(res.rows, png, title)}")
+    say(f"finished in {time.perf_counter() - start:.0f} s")
     return 0
+
+
+def _slug(spec: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", spec).strip("_")
+
+
+def run(args: argparse.Namespace) -> int:
+    return measure(args, args.model, f"bench_{_slug(args.model)}.json", args.plot, args.input_size)

@@ -1,110 +1,101 @@
-"""``convbn inspect MODEL``: the conversion report, the gamma/sqrt(var+eps) histogram (paper Fig. 2a)
-and the per-block memory saving of Tune, predicted by Appendix M vs measured."""
+"""``convbn inspect SPEC``: what ``convbn.convert`` would do to your model, block by block, with reasons."""
 
 from __future__ import annotations
 
 import argparse
-import os
-import re
+import dataclasses
+import statistics
+from typing import Any, Dict, List
 
 import torch
 
-from convbn.experiments.appendix_m import appendix_m_table, inspect_model
-from convbn.experiments.common import default_model_spec, write_json
-from convbn.models.registry import _REGISTRY, available_models
+import convbn
 
-from ._options import HelpFormatter, add_model_options, add_run_options, out_path, say, setup_threads
+from ..bench.stats import bn_scales
+from ._options import HelpFormatter, add_model_options, require, say, setup_threads, write_json
+from ._spec import build_workload, monai_models, split_spec
 
 DESCRIPTION = """\
-What convbn does to MODEL, and what it buys:
+The report of SPEC's model (a dry run; nothing is changed): every BatchNorm with its Conv/Linear,
+the mode it would run in, and -- for blocks that are not converted -- the reason; plus the spread of
+gamma / sqrt(running_var + eps) over the BN channels (the factor Deploy multiplies the conv weight by,
+paper Fig. 2a). convbn traces the model with torch.fx and, with the example inputs built here
+(a batch tensor, or a list of images for torchvision detectors), by running it once.
 
-1. the report: every BatchNorm with its Conv/Linear, the mode it would run in, and -- for blocks
-   that are not converted -- the reason (a dry run; the model is not changed);
-2. the distribution of gamma / sqrt(running_var + eps) over all BN channels, as a histogram PNG
-   (paper Fig. 2a): Deploy multiplies the conv weight by this and its gradient by the inverse;
-3. per block, the bytes Tune saves over Eval: predicted by paper Appendix M (|Y| - |w'|, Y the conv
-   output, w' the folded weight), predicted for convbn's Tune (|Y|: convbn rebuilds w' in backward
-   instead of keeping it), and measured (bytes saved for backward, eval vs that block in tune).
-
-A freshly initialised model has trivial BN statistics; they are calibrated (synthetic) unless
---no-calibrate. Use mobilenet_v2_pretrained for real ImageNet statistics."""
+SPEC: package.module:factory (your model; pass --input-size), torchvision:NAME (weights=None),
+timm:NAME (pretrained=False) or monai:NAME."""
 
 EPILOG = """\
 examples:
-  convbn inspect mobilenet_v2_pretrained         # real pretrained statistics
-  convbn inspect monai:resnet50 --input-size 64
-  convbn inspect monai:densenet121               # pre-activation: many blocks fall back, with reasons
+  convbn inspect torchvision:resnet50
+  convbn inspect torchvision:fasterrcnn_resnet50_fpn       # a detector: a list of images as input
+  convbn inspect timm:efficientnet_b0 --mode deploy
   convbn inspect monai:unet --dims 3 --input-size 32
-  convbn inspect mypkg.models:make_net --input-size 128 --channels 1
-  convbn inspect --list                          # the model names convbn knows
+  convbn inspect mypkg.nets:build --input-size 128 --channels 1 --json report.json
 """
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser("inspect", help="report, Fig. 2a histogram, Appendix M saving per block",
+    p = sub.add_parser("inspect", help="the conversion report of your model: every block, its mode and why",
                        description=DESCRIPTION, epilog=EPILOG, formatter_class=HelpFormatter)
     add_model_options(p, None, positional=True)
-    p.add_argument("--list", action="store_true", help="list the known model names and exit")
     p.add_argument("--mode", default="tune", choices=("train", "eval", "tune", "deploy"),
                    help="mode of the report (dry run)")
-    p.add_argument("--batch-size", "-b", type=int, default=2, help="batch size of the measured input")
+    p.add_argument("--batch-size", "-b", type=int, default=2, help="batch size of the example input")
     p.add_argument("--input-size", type=int, default=None, help="spatial side (default: the model's)")
-    p.add_argument("--no-calibrate", action="store_true", help="keep untouched BN statistics as they are")
-    p.add_argument("--no-measure", action="store_true", help="skip the per-block Appendix M measurement")
-    p.add_argument("--max-rows", type=int, default=60, help="per-block rows printed (all are in the JSON)")
-    add_run_options(p, out_name="inspect_MODEL")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads; 0 = torch's default")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON")
     p.set_defaults(func=run, command="inspect")
     return p
 
 
-def _slug(spec: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", spec).strip("_")
+def scale_summary(values: List[float]) -> Dict[str, float]:
+    """Quantiles of |gamma|/sqrt(var+eps) and the shares below 0.1 / 1 and above 10.
+
+    Example:
+        >>> scale_summary([0.05, 1.0, 20.0])["median"]
+        1.0
+    """
+    a = sorted(abs(v) for v in values)
+    if not a:
+        return {}
+    n = len(a)
+
+    def q(p: float) -> float:
+        return a[min(int(p * (n - 1) + 0.5), n - 1)]
+
+    return {"channels": n, "min": a[0], "p10": q(0.1), "median": statistics.median(a), "p90": q(0.9),
+            "max": a[-1], "share_below_0.1": sum(v < 0.1 for v in a) / n, "share_below_1": sum(v < 1 for v in a) / n,
+            "share_above_10": sum(v > 10 for v in a) / n}
+
+
+def _row(r: Any) -> Dict[str, Any]:
+    if dataclasses.is_dataclass(r):
+        return dataclasses.asdict(r)
+    return r._asdict() if hasattr(r, "_asdict") else dict(vars(r))
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.list:
-        say("models:")
-        for name in available_models():
-            say(f"  {name:26s} {_REGISTRY[name].description}")
-        say("  torchvision:NAME / timm:NAME   when those packages are importable",
-            "  package.module:factory         your own model (called with no arguments unless you pass "
-            "--channels/--dims)")
-        return 0
+    spec = args.model
+    if split_spec(spec)[0] == "monai":
+        require("monai", extra="monai", why=f"the model {spec} ({', '.join(monai_models())})")
     setup_threads(args)
-    spec = args.model or default_model_spec()
-    size = args.input_size
-    if size is None and spec in ("monai:resnet50", "monai:seresnet50", "monai:densenet121") and args.dims in (None, 2):
-        size = 64
-    res = inspect_model(spec, batch_size=args.batch_size, input_size=size, channels=args.channels,
-                        dims=args.dims, mode=args.mode, calibrate=not args.no_calibrate,
-                        measure=not args.no_measure, progress=not args.quiet)
-    report = res.pop("_report")
-    say(f"convbn inspect {spec}: input {'x'.join(map(str, res['input_shape']))}, threads {torch.get_num_threads()}")
-    for n in res["notes"]:
-        say(f"note: {n}")
-    say("", str(report), "")
-    s = res["scales"]["summary"]
+    work = build_workload(spec, batch_size=args.batch_size, input_size=args.input_size, in_channels=args.channels,
+                          dims=args.dims)
+    report = convbn.report(work.model, args.mode, example_inputs=work.example_inputs)
+    say(f"convbn inspect {spec}: {args.mode} mode, example input {work.description}, threads "
+        f"{torch.get_num_threads()}", "", str(report))
+    scales = [float(v) for _, s in bn_scales(work.model) for v in s.tolist()]
+    s = scale_summary(scales)
     if s:
-        say(f"gamma/sqrt(var+eps) over {s['channels']} BN channels (|value|): min {s['min']:.3g}, p10 {s['p10']:.3g}, "
-            f"median {s['median']:.3g}, p90 {s['p90']:.3g}, max {s['max']:.3g}; "
+        say("", f"gamma/sqrt(var+eps) over {s['channels']} BN channels (|value|): min {s['min']:.3g}, "
+            f"p10 {s['p10']:.3g}, median {s['median']:.3g}, p90 {s['p90']:.3g}, max {s['max']:.3g}; "
             f"{100 * s['share_below_1']:.0f}% < 1, {100 * s['share_below_0.1']:.1f}% < 0.1, "
-            f"{100 * s['share_above_10']:.1f}% > 10")
-    if "appendix_m" in res:
-        say("", "memory saved for backward by Tune over Eval, per block (KiB):",
-            appendix_m_table(res["appendix_m"], limit=args.max_rows))
-        t = res["appendix_m"]["total"]
-        say(f"whole model: eval saves {t['eval_saved_bytes'] / 2 ** 20:.2f} MiB, tune {t['tune_saved_bytes'] / 2 ** 20:.2f} "
-            f"MiB (-{100 * t['measured_saving_bytes'] / t['eval_saved_bytes']:.0f}%)")
-    name = f"inspect_{_slug(spec)}"
-    json_path = write_json(out_path(args, args.json, name + ".json"), res)
-    say("", f"wrote {json_path}")
-    if not args.no_plot:
-        from convbn.experiments.plots import plot_appendix_m, plot_scale_histogram
-
-        hist = out_path(args, args.plot, name + "_scales.png")
-        say(f"wrote {plot_scale_histogram(res['scales']['values'], hist, f'{spec}: gamma/sqrt(var+eps) per BN channel (paper Fig. 2a)')}")
-        if "appendix_m" in res and res["appendix_m"]["blocks"]:
-            base, _ = os.path.splitext(hist)
-            path = (base[: -len("_scales")] if base.endswith("_scales") else base) + "_appendix_m.png"
-            say(f"wrote {plot_appendix_m(res['appendix_m']['blocks'], path, f'{spec}: Tune saving per block, predicted vs measured')}")
+            f"{100 * s['share_above_10']:.1f}% > 10 (a freshly built model has 1 everywhere)")
+    if args.json:
+        path = write_json(args.json, {
+            "model": spec, "mode": args.mode, "example_input": work.description,
+            "report": {"summary": report.summary(), "rows": [_row(r) for r in report.rows]},
+            "scales": {"summary": s, "values": scales}})
+        say(f"wrote {path}")
     return 0

@@ -10,26 +10,25 @@ import torch
 
 import convbn
 from convbn.errors import ConvBNError
-from convbn.experiments.common import ExperimentError
 
-from . import adversarial, bench, inspect_cmd, run_default, transfer
-from ._options import HelpFormatter
+from . import bench, inspect_cmd, run_default
+from ._options import CLIError, HelpFormatter
 
-SUBCOMMANDS = (run_default, bench, inspect_cmd, transfer, adversarial)
+SUBCOMMANDS = (run_default, bench, inspect_cmd)
 
 DESCRIPTION = """\
-convbn: Train / Eval / Tune / Deploy modes of Conv->BatchNorm blocks (arXiv 2305.11624), measured on
-your CPU. With no arguments, `convbn` runs the main job (`convbn run`): every mode side by side on a
-default model, printing memory, time and error as a table and writing a PNG bar chart."""
+convbn: Train / Eval / Tune / Deploy modes of Conv->BatchNorm blocks (arXiv 2305.11624), on your model.
+With no arguments, `convbn` runs the main job (`convbn run`): every mode side by side on MONAI
+ResNet-50, printing memory, time and error as a table and writing JSON and a PNG bar chart.
+SPEC names a model: package.module:factory (your own), torchvision:NAME, timm:NAME or monai:NAME."""
 
 EPILOG = """\
 examples:
-  convbn                                  # the main job, about a minute
-  convbn bench --model small_resnet       # Table 6 / Fig. 3 sweep over batch and input sizes
-  convbn inspect mobilenet_v2_pretrained  # report, Fig. 2a histogram, Appendix M per block
-  convbn transfer                         # Table 7 on CPU: fine-tune pretrained MobileNetV2 on digits
-  convbn adversarial                      # Table 10: FGSM/PGD in eval vs tune
-  convbn COMMAND --help                   # options and more examples
+  convbn                                       # the main job, about a minute
+  convbn inspect torchvision:resnet50          # what convert() would do, block by block, with reasons
+  convbn inspect mypkg.nets:build --input-size 128 --channels 1
+  convbn bench timm:efficientnet_b0 --input-size 128   # every mode on your model: memory, time, error
+  convbn COMMAND --help                        # options and more examples
 """
 
 
@@ -54,19 +53,20 @@ def _with_default_command(argv: Sequence[str]) -> List[str]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the ``convbn`` command line with ``argv`` (default: ``sys.argv[1:]``); returns the exit code.
 
-    Exit codes: 0 success, 1 an experiment could not run (the message says why and how to fix it),
+    Exit codes: 0 success, 1 the command could not run (the message says why and how to fix it),
     2 bad command-line usage (argparse).
 
     Example:
-        >>> main(["--version"])  # doctest: +SKIP
-        convbn 0.1.0
+        >>> main(["inspect", "torch.nn:Identity", "--input-size", "4"])  # doctest: +ELLIPSIS
+        convbn inspect torch.nn:Identity: ...
+        0
     """
     parser = build_parser()
     args = parser.parse_args(_with_default_command(sys.argv[1:] if argv is None else argv))
     threads = torch.get_num_threads()  # --threads is for this run only (main() is also called in-process)
     try:
         return int(args.func(args) or 0)
-    except (ExperimentError, ConvBNError, ValueError, TypeError, ImportError, FileNotFoundError) as e:
+    except (CLIError, ConvBNError, ValueError, TypeError, ImportError, FileNotFoundError) as e:
         print(f"convbn {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -14,8 +14,8 @@ import torch
 
 from .common import (ExperimentError, Progress, input_shape, make_input, memory_format_for, mode_variants,
                      resolve_model)
-from .compare import compare_modes, compare_ticks, format_table
-from .stats import calibrate_if_untouched
+from convbn.bench.compare import compare_modes, compare_ticks, format_table
+from convbn.bench.stats import calibrate_if_untouched
 
 __all__ = ["SweepConfig", "sweep_points", "run_sweep", "sweep_table", "CSV_COLUMNS"]
 
@@ -46,7 +46,8 @@ class SweepConfig:
                 raise ExperimentError(f"{name} must be positive integers, got {vals!r}")
             setattr(self, name, vals)
         if self.rounds < 1 or self.warmup < 0:
-            raise ExperimentError(f"rounds must be >= 1 and warmup >= 0, got rounds={self.rounds}, warmup={self.warmup}")
+            raise ExperimentError(f"rounds must be >= 1 and warmup >= 0, got rounds={self.rounds}, "
+                                  f"warmup={self.warmup}")
 
 
 def sweep_points(cfg: SweepConfig) -> Tuple[List[Tuple[int, int]], int, int]:
@@ -80,7 +81,7 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> Dict[str, Any]:
     calibrated = calibrate_if_untouched(model, make_input(calib_shape, cfg.seed + 1))
     if calibrated:
         notes.append("BN statistics calibrated (the model was freshly initialised)")
-    bar = Progress(len(points) * compare_ticks(len(variants), cfg.rounds, cfg.warmup), "bench", enabled=progress)
+    bar = Progress(len(points) * compare_ticks(len(variants), cfg.rounds), "bench", enabled=progress)
     records: List[Dict[str, Any]] = []
     for b, s in points:
         shape = input_shape(cfg.model, b, input_size=s, in_channels=cfg.channels, dims=cfg.dims)
@@ -145,7 +146,8 @@ def sweep_table(result: Dict[str, Any]) -> str:
         headers += ["tune/eval mem", "tune/eval time (IQR)"]
     body = []
     for (b, s), rs in by_point.items():
-        row = [b, s] + [f"{mib(rs[m]['peak_bytes']):.1f}" for m in modes] + [f"{rs[m]['median_s'] * 1e3:.1f}" for m in modes]
+        row = ([b, s] + [f"{mib(rs[m]['peak_bytes']):.1f}" for m in modes]
+               + [f"{rs[m]['median_s'] * 1e3:.1f}" for m in modes])
         if has_ratio:
             t = rs["tune"]["time_ratio_vs_eval"]
             row += [f"{rs['tune']['peak_bytes'] / rs['eval']['peak_bytes']:.2f}",

@@ -35,8 +35,8 @@ from torch import nn
 from convbn.bench.peak import LiveTensorMeter
 
 from .common import ExperimentError, Progress, convert_variant, mode_variants, resolve_model
-from .compare import format_table
-from .stats import bn_scales
+from convbn.bench.compare import format_table
+from convbn.bench.stats import bn_scales
 
 __all__ = ["TransferConfig", "run_transfer", "transfer_table"]
 
@@ -82,7 +82,8 @@ class TransferConfig:
     def __post_init__(self) -> None:
         self.modes, self.seeds = tuple(self.modes), tuple(self.seeds)
         checks = [("iterations", self.iterations >= 1), ("batch_size", self.batch_size >= 2),
-                  ("image_size", self.image_size >= 1), ("lr", self.lr > 0), ("head_lr", self.head_lr > 0), ("seeds", len(self.seeds) >= 1),
+                  ("image_size", self.image_size >= 1), ("lr", self.lr > 0), ("head_lr", self.head_lr > 0),
+                  ("seeds", len(self.seeds) >= 1),
                   ("momentum", 0 <= self.momentum < 1), ("weight_decay", self.weight_decay >= 0),
                   ("warmup_iters", self.warmup_iters >= 0), ("log_every", self.log_every >= 1),
                   ("test_fraction", 0 < self.test_fraction < 1)]
@@ -130,7 +131,7 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def _load_data(cfg: TransferConfig):
-    from convbn.data import load_digits_dataset
+    from experiments.data import load_digits_dataset
 
     try:
         return load_digits_dataset(image_size=cfg.image_size, channels=3, seed=cfg.split_seed,

@@ -1,7 +1,7 @@
-"""Render ``benchmarks/RESULTS.md`` from the JSON files of one run of every ``convbn`` subcommand,
+"""Render ``benchmarks/RESULTS.md`` from the JSON files of one run of ``convbn`` and every experiment,
 next to the paper's numbers.
 
-    python -m convbn.experiments.results_md benchmarks/results > benchmarks/RESULTS.md
+    python -m experiments.results_md benchmarks/results > benchmarks/RESULTS.md
 
 (``benchmarks/run_all.sh`` does this after running the subcommands.)
 """
@@ -65,8 +65,9 @@ def render(d: str) -> str:
     parts: List[str] = ["# convbn results on this machine, next to the paper's", "",
                         "Regenerate everything (about 20 minutes on 2 cores):", "", "```", "bash benchmarks/run_all.sh",
                         "```", "",
-                        "which runs each `convbn` subcommand once with its defaults (`--out-dir benchmarks/results`) "
-                        "and rebuilds this file with `python -m convbn.experiments.results_md benchmarks/results`. "
+                        "which runs `convbn` (the main job) and each `python -m experiments` command once with "
+                        "its defaults (`--out-dir benchmarks/results`) "
+                        "and rebuilds this file with `python -m experiments.results_md benchmarks/results`. "
                         "The paper's numbers are GPU (V100) numbers for ResNet-50 at 224-448 px; ours are CPU numbers "
                         "at small inputs, so compare *ratios*, not absolute values.", "",
                         "How we measure: **peak** = peak bytes of live tensors allocated during forward + backward "
@@ -102,7 +103,8 @@ def render(d: str) -> str:
     bench = _load(d, "bench.json")
     if bench:
         c = bench["config"]
-        parts += ["## Table 6 / Figure 3: memory and time vs batch size and input size (`convbn bench`)", "",
+        parts += ["## Table 6 / Figure 3: memory and time vs batch size and input size "
+                  "(`python -m experiments sweep`)", "",
                   f"{c['model']}, {c['dtype']}, {c['rounds']} rounds after {c['warmup']} warm-up per point, "
                   f"{bench.get('threads', '?')} thread(s). ![bench](results/bench.png)", ""]
         by: Dict[Any, Dict[str, Any]] = {}
@@ -130,7 +132,7 @@ def render(d: str) -> str:
     transfer = _load(d, "transfer.json")
     if transfer:
         c = transfer["config"]
-        parts += ["## Table 3 / Table 7: transfer learning in four modes (`convbn transfer`)", "",
+        parts += ["## Table 3 / Table 7: transfer learning in four modes (`python -m experiments transfer`)", "",
                   f"Pretrained MobileNetV2 (torchvision ImageNet weights, offline) fine-tuned on scikit-learn digits "
                   f"({transfer['data']['train']} train / {transfer['data']['test']} test, {c['image_size']} px), "
                   f"{len(c['seeds'])} seeds, {c['iterations']} SGD iterations of batch {c['batch_size']}, momentum "
@@ -175,7 +177,7 @@ def render(d: str) -> str:
     adv = _load(d, "adversarial.json")
     if adv:
         c = adv["config"]
-        parts += ["## Table 10: adversarial example generation, eval vs tune (`convbn adversarial`)", "",
+        parts += ["## Table 10: adversarial example generation, eval vs tune (`python -m experiments adversarial`)", "",
                   f"Batch {c['batch_size']}, {c['input_size']} px, {c['dtype']}, PGD {c['steps']} steps "
                   f"(eps {c['eps']:.4f}, alpha {c['alpha']:.4f}), {c['rounds']} interleaved rounds of one step "
                   f"(forward + backward to the input). Equality: FGSM and PGD examples compared element-wise in "
@@ -203,9 +205,10 @@ def render(d: str) -> str:
                          [[a, b, es, ts, f"{ts / es:.2f}", eg, tg, f"{tg / eg:.2f}"]
                           for a, b, es, ts, eg, tg in PAPER_TABLE10]), ""]
 
-    insp = [f for f in sorted(os.listdir(d)) if f.startswith("inspect_") and f.endswith(".json")] if os.path.isdir(d) else []
+    files = sorted(os.listdir(d)) if os.path.isdir(d) else []
+    insp = [f for f in files if f.startswith("inspect_") and f.endswith(".json")]
     if insp:
-        parts += ["## Figure 2a and Appendix M (`convbn inspect`)", "",
+        parts += ["## Figure 2a and Appendix M (`python -m experiments appendix-m`)", "",
                   "Paper Fig. 2a: the scaling coefficients γ/√(σ²+ε) of pretrained backbones range from about 0 to 30. "
                   "Appendix M: per block, Eval saves X and Y, Tune saves X and w', so Tune saves |Y| − |w'|. convbn's "
                   "Tune rebuilds w' in backward instead of keeping it, so it saves |Y|; *measured* = bytes saved for "
@@ -220,7 +223,8 @@ def render(d: str) -> str:
                          f"{s['min']:.3f} / {s['median']:.2f} / {s['max']:.1f}",
                          f"{s['share_below_1'] * 100:.0f}% / {s['share_above_10'] * 100:.1f}%",
                          "synthetic (calibrated)" if r["notes"] else "pretrained",
-                         _mib(t["predicted_paper_bytes"]) if t else "-", _mib(t["predicted_convbn_bytes"]) if t else "-",
+                         _mib(t["predicted_paper_bytes"]) if t else "-",
+                         _mib(t["predicted_convbn_bytes"]) if t else "-",
                          _mib(t["measured_saving_bytes"]) if t else "-",
                          f"[hist](results/{stem}_scales.png), [App. M](results/{stem}_appendix_m.png)"])
         parts += [_table(["model", "input", "γ/√(σ²+ε) min / median / max", "< 1 / > 10", "BN statistics",

@@ -1,4 +1,4 @@
-"""BatchNorm statistics for experiments: realistic running statistics and the gamma/sqrt(var+eps) scale.
+"""BatchNorm statistics for measurements: realistic running statistics and the gamma/sqrt(var+eps) scale.
 
 A freshly built network has ``running_mean = 0``, ``running_var = 1`` and ``gamma = 1`` in every BN,
 so every mode computes nearly the same thing and the scales of paper Fig. 2a are all ~1. The

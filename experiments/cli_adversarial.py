@@ -1,4 +1,4 @@
-"""``convbn adversarial``: paper Table 10 -- FGSM/PGD input-gradient generation in Eval vs Tune."""
+"""``python -m experiments adversarial``: paper Table 10 -- FGSM/PGD input-gradient generation in Eval vs Tune."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import argparse
 
 import torch
 
-from convbn.experiments.adversarial import DEFAULT_MODELS, AdversarialConfig, adversarial_table, run_adversarial
-from convbn.experiments.common import monai_available, write_json
+from .adversarial import DEFAULT_MODELS, AdversarialConfig, adversarial_table, run_adversarial
+from .common import monai_available, write_json
 
-from ._options import HelpFormatter, add_run_options, out_path, say, settings_line, setup_threads, str_list
+from convbn.cli._options import HelpFormatter, add_run_options, out_path, say, settings_line, setup_threads, str_list
 
 DESCRIPTION = """\
 Adversarial example generation (paper Table 10) in Eval vs Tune mode: the model is frozen
@@ -28,10 +28,10 @@ statistics, random inputs and labels) and MobileNetV2 with ImageNet weights on d
 
 EPILOG = """\
 examples:
-  convbn adversarial                                   # all default models, batch 8, 64x64
-  convbn adversarial --models monai:resnet18,mobilenet_v2_pretrained --steps 20
-  convbn adversarial --models monai:unet --input-size 128   # any net with a class/channel output
-  convbn adversarial --batch-size 32 --input-size 128 --rounds 10 --threads 2
+  python -m experiments adversarial                                   # all default models, batch 8, 64x64
+  python -m experiments adversarial --models monai:resnet18,mobilenet_v2_pretrained --steps 20
+  python -m experiments adversarial --models monai:unet --input-size 128   # any net with a class/channel output
+  python -m experiments adversarial --batch-size 32 --input-size 128 --rounds 10 --threads 2
 """
 
 
@@ -63,18 +63,23 @@ def run(args: argparse.Namespace) -> int:
     cfg = AdversarialConfig(models=tuple(models), batch_size=args.batch_size, input_size=args.input_size,
                             dims=args.dims, eps=args.eps, alpha=args.alpha, steps=args.steps, rounds=args.rounds,
                             warmup=args.warmup, dtype=args.dtype, tol=args.tol)
-    say(f"convbn adversarial: {settings_line({'batch': cfg.batch_size, 'input': cfg.input_size, 'eps': round(cfg.eps, 5), 'alpha': round(cfg.alpha, 5), 'pgd_steps': cfg.steps, 'rounds': cfg.rounds, 'dtype': cfg.dtype, 'threads': torch.get_num_threads()})}")
+    settings = {"batch": cfg.batch_size, "input": cfg.input_size, "eps": round(cfg.eps, 5),
+                "alpha": round(cfg.alpha, 5), "pgd_steps": cfg.steps, "rounds": cfg.rounds, "dtype": cfg.dtype,
+                "threads": torch.get_num_threads()}
+    say(f"python -m experiments adversarial: {settings_line(settings)}")
     res = run_adversarial(cfg, progress=not args.quiet)
     res["threads"] = torch.get_num_threads()
     say("", adversarial_table(res), "", res["timing_note"])
-    bad = [r["model"] for r in res["rows"] if not (r["fgsm"]["identical_within_tol"] and r["pgd"]["identical_within_tol"])]
+    bad = [r["model"] for r in res["rows"]
+           if not (r["fgsm"]["identical_within_tol"] and r["pgd"]["identical_within_tol"])]
     json_path = write_json(out_path(args, args.json, "adversarial.json"), res)
     say(f"wrote {json_path}")
     if not args.no_plot:
-        from convbn.experiments.plots import plot_adversarial
+        from .plots import plot_adversarial
 
         png = plot_adversarial(res["rows"], out_path(args, args.plot, "adversarial.png"),
-                               f"Tune vs Eval, adversarial step (batch {cfg.batch_size}, {cfg.input_size}px, {cfg.dtype})")
+                               f"Tune vs Eval, adversarial step (batch {cfg.batch_size}, {cfg.input_size}px, "
+                               f"{cfg.dtype})")
         say(f"wrote {png}")
     if bad:
         say(f"FAILED: eval and tune produced different adversarial examples in float64 for {', '.join(bad)}")

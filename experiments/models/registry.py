@@ -56,7 +56,7 @@ def _small_resnet(num_classes: int, in_channels: int, dims: int, **kw: Any) -> n
 def _require_rgb(name: str, in_channels: int) -> None:
     if in_channels != 3:
         raise ValueError(f"{name} takes 3-channel images, got in_channels={in_channels}; replicate the "
-                         f"channels instead (e.g. convbn.data.load_digits_dataset(channels=3)).")
+                         f"channels instead (e.g. experiments.data.load_digits_dataset(channels=3)).")
 
 
 def _mobilenet_v2(num_classes: int, in_channels: int, dims: int, **kw: Any) -> nn.Module:

@@ -22,8 +22,8 @@ import convbn
 from convbn.bench.memory import saved_tensor_bytes
 
 from .common import Progress, input_shape, make_input, resolve_model
-from .compare import format_table
-from .stats import bn_scales, calibrate_if_untouched
+from convbn.bench.compare import format_table
+from convbn.bench.stats import bn_scales, calibrate_if_untouched
 
 __all__ = ["inspect_model", "appendix_m_blocks", "appendix_m_table", "scale_summary"]
 
@@ -59,7 +59,7 @@ def appendix_m_blocks(model: nn.Module, x: torch.Tensor, progress: Optional[Prog
         (|Y|) and ``measured_saving_bytes``.
 
     Example:
-        >>> from convbn.models import small_resnet
+        >>> from experiments.models import small_resnet
         >>> res = appendix_m_blocks(small_resnet(), torch.randn(2, 3, 16, 16))
         >>> b = res["blocks"][0]
         >>> abs(b["measured_saving_bytes"] - b["predicted_convbn_bytes"]) <= 0.01 * b["y_bytes"]
@@ -117,7 +117,8 @@ def appendix_m_table(res: Dict[str, Any], limit: Optional[int] = None) -> str:
     t = res["total"]
     body.append(["TOTAL (all blocks tuned)", "", "", "", f"{t['predicted_paper_bytes'] / 1024:.1f}",
                  f"{t['predicted_convbn_bytes'] / 1024:.1f}", f"{t['measured_saving_bytes'] / 1024:.1f}",
-                 f"{t['measured_saving_bytes'] / t['predicted_convbn_bytes']:.3f}" if t["predicted_convbn_bytes"] else "-"])
+                 f"{t['measured_saving_bytes'] / t['predicted_convbn_bytes']:.3f}"
+                 if t["predicted_convbn_bytes"] else "-"])
     text = format_table(headers, body)
     if limit is not None and len(res["blocks"]) > limit:
         text += f"\n... {len(res['blocks']) - limit} more blocks in the JSON"

@@ -1,6 +1,6 @@
-"""Models for convbn's CLI, tests and experiments: built-ins, offline MobileNetV2, a spec registry.
+"""Models for the experiments: built-ins, offline MobileNetV2, a spec registry.
 
-``convbn.models.mobilenet_v2`` is the module; build a random MobileNetV2 with
+``experiments.models.mobilenet_v2`` is the module; build a random MobileNetV2 with
 ``build_model("mobilenet_v2")`` or ``MobileNetV2()``.
 """
 

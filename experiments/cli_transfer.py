@@ -1,4 +1,4 @@
-"""``convbn transfer``: paper Tables 3/7 on CPU -- fine-tune pretrained MobileNetV2 on real digits in
+"""``python -m experiments transfer``: paper Tables 3/7 on CPU -- fine-tune pretrained MobileNetV2 on real digits in
 Train, Eval, Tune and Deploy mode with the same seeds and schedule."""
 
 from __future__ import annotations
@@ -7,10 +7,10 @@ import argparse
 
 import torch
 
-from convbn.experiments.common import write_json
-from convbn.experiments.transfer import TransferConfig, run_transfer, transfer_table
+from .common import write_json
+from .transfer import TransferConfig, run_transfer, transfer_table
 
-from ._options import (HelpFormatter, add_run_options, out_path, say, settings_line, setup_threads,
+from convbn.cli._options import (HelpFormatter, add_run_options, out_path, say, settings_line, setup_threads,
                        str_list)
 
 DESCRIPTION = """\
@@ -35,10 +35,10 @@ printed as is. About 8-10 minutes with the defaults on 2 cores."""
 
 EPILOG = """\
 examples:
-  convbn transfer                                    # 3 seeds x 4 modes x 300 iterations
-  convbn transfer --seeds 0,1,2,3,4 --iterations 1000 --image-size 64     # scale up
-  convbn transfer --lr 0.001 --head-lr 0.01          # the paper's learning rates
-  convbn transfer --model small_resnet --seeds 0 --iterations 20 --image-size 16   # plumbing check
+  python -m experiments transfer                                    # 3 seeds x 4 modes x 300 iterations
+  python -m experiments transfer --seeds 0,1,2,3,4 --iterations 1000 --image-size 64     # scale up
+  python -m experiments transfer --lr 0.001 --head-lr 0.01          # the paper's learning rates
+  python -m experiments transfer --model small_resnet --seeds 0 --iterations 20 --image-size 16   # plumbing check
 """
 
 
@@ -69,7 +69,10 @@ def run(args: argparse.Namespace) -> int:
                          iterations=args.iterations, batch_size=args.batch_size, image_size=args.image_size,
                          lr=args.lr, head_lr=args.head_lr, momentum=args.momentum, weight_decay=args.weight_decay,
                          warmup_iters=min(args.warmup_iters, args.iterations))
-    say(f"convbn transfer: {settings_line({'model': cfg.model, 'modes': ','.join(cfg.modes), 'seeds': list(cfg.seeds), 'iterations': cfg.iterations, 'batch': cfg.batch_size, 'image': cfg.image_size, 'lr': cfg.lr, 'head_lr': cfg.head_lr, 'threads': torch.get_num_threads()})}")
+    settings = {"model": cfg.model, "modes": ",".join(cfg.modes), "seeds": list(cfg.seeds),
+                "iterations": cfg.iterations, "batch": cfg.batch_size, "image": cfg.image_size, "lr": cfg.lr,
+                "head_lr": cfg.head_lr, "threads": torch.get_num_threads()}
+    say(f"python -m experiments transfer: {settings_line(settings)}")
     res = run_transfer(cfg, progress=not args.quiet)
     res["threads"] = torch.get_num_threads()
     d = res["data"]
@@ -87,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     json_path = write_json(out_path(args, args.json, "transfer.json"), res)
     say(f"wrote {json_path}")
     if not args.no_plot:
-        from convbn.experiments.plots import plot_transfer
+        from .plots import plot_transfer
 
         png = plot_transfer(res, out_path(args, args.plot, "transfer.png"),
                             f"{cfg.model} on digits ({cfg.image_size}px), {len(cfg.seeds)} seeds, "

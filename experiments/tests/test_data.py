@@ -11,8 +11,8 @@ import torch
 
 pytest.importorskip("sklearn")  # an optional dependency (the bench extra)
 
-import convbn.data as data_mod  # noqa: E402
-from convbn.data import load_digits_dataset  # noqa: E402
+import experiments.data as data_mod  # noqa: E402
+from experiments.data import load_digits_dataset  # noqa: E402
 
 
 def test_docstring_example_runs() -> None:

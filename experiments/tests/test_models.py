@@ -1,8 +1,7 @@
-"""Tests for convbn.models: the small ResNet, MobileNetV2 (+ offline ImageNet weights) and the registry."""
+"""Tests for experiments.models: the small ResNet, MobileNetV2 (+ offline ImageNet weights) and the registry."""
 
 from __future__ import annotations
 
-import doctest
 import importlib
 import importlib.util
 from typing import Iterator
@@ -11,10 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-import convbn.models.builtin as builtin_mod
-import convbn.models.mobilenet_v2 as mnv2_mod
-import convbn.models.registry as registry_mod
-from convbn.models import (
+import experiments.models.mobilenet_v2 as mnv2_mod
+from experiments.models import (
     MobileNetV2,
     available_models,
     build_model,
@@ -34,10 +31,6 @@ def count(model: nn.Module, kinds: tuple) -> int:
 
 
 # ----------------------------------------------------------------------------- small_resnet
-
-def test_builtin_docstring_examples_run() -> None:
-    assert doctest.testmod(builtin_mod).failed == 0
-
 
 @pytest.mark.parametrize("dims", [1, 2, 3])
 def test_small_resnet_forward_backward_each_dims(dims: int) -> None:
@@ -110,7 +103,7 @@ def test_pretrained_weights_load_strictly_with_real_statistics(pretrained: Mobil
 @needs_weights
 def test_pretrained_forward_on_digits_gives_finite_logits(pretrained: MobileNetV2) -> None:
     pytest.importorskip("sklearn")
-    from convbn.data import load_digits_dataset
+    from experiments.data import load_digits_dataset
 
     x = load_digits_dataset(image_size=32, channels=3)[2][:4]
     pretrained.eval()
@@ -141,16 +134,7 @@ def test_missing_weights_package_says_how_to_install(monkeypatch: pytest.MonkeyP
         build_model("mobilenet_v2_pretrained")
 
 
-@needs_weights
-def test_mobilenet_docstring_examples_run() -> None:
-    assert doctest.testmod(mnv2_mod).failed == 0
-
-
 # ----------------------------------------------------------------------------- registry
-
-def test_registry_docstring_examples_run() -> None:
-    assert doctest.testmod(registry_mod).failed == 0
-
 
 def test_available_models_lists_builtins_and_monai() -> None:
     names = available_models()
@@ -230,7 +214,7 @@ def test_torchvision_and_timm_specs(prefix: str) -> None:
 
 
 def test_user_factory_specs() -> None:
-    model = build_model("convbn.models.builtin:small_resnet", num_classes=3)
+    model = build_model("experiments.models.builtin:small_resnet", num_classes=3)
     assert model.fc.out_features == 3
     lin = build_model("torch.nn:Linear", in_features=4, out_features=2)
     assert isinstance(lin, nn.Linear) and lin.out_features == 2
