@@ -410,7 +410,8 @@ def test_row24_parametrized_weight_is_not_deployed():
     assert_close_rel(shipped(X), ref.eval()(X), 1e-6)
 
 
-@pytest.mark.skipif(not HAS_TRAIN_VARIANTS, reason="convbn.convert(model, 'train', recompute=/fission=) not available yet")
+@pytest.mark.skipif(not HAS_TRAIN_VARIANTS,
+                    reason="convbn.convert(model, 'train', recompute=/fission=) not available yet")
 @pytest.mark.parametrize("kw,match", [({"mode": "tune", "recompute": True}, "recompute"),
                                       ({"mode": "eval", "fission": True}, "fission"),
                                       ({"mode": "train", "recompute": True, "fission": True}, "cannot be combined"),

@@ -48,7 +48,8 @@ def out_and_grads(model, x, g=None):
 
 def assert_all_close(got, expected, rel, what):
     for i, (a, b) in enumerate(zip(got, expected)):
-        assert_close_rel(a, b, rel, f"{what} [{'output' if i == 0 else 'input grad' if i == 1 else f'param grad {i - 2}'}]")
+        part = "output" if i == 0 else "input grad" if i == 1 else f"param grad {i - 2}"
+        assert_close_rel(a, b, rel, f"{what} [{part}]")
 
 
 # --------------------------------------------------------------------------- torch.compile

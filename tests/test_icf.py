@@ -21,7 +21,8 @@ class TinyDense(nn.Module):
         self.layers = nn.ModuleList()
         c = c0
         for _ in range(layers):
-            self.layers.append(nn.Sequential(nn.BatchNorm2d(c), nn.ReLU(inplace=True), nn.Conv2d(c, growth, 3, padding=1, bias=False)))
+            self.layers.append(nn.Sequential(nn.BatchNorm2d(c), nn.ReLU(inplace=True),
+                                             nn.Conv2d(c, growth, 3, padding=1, bias=False)))
             c += growth
         self.norm = nn.BatchNorm2d(c)
 

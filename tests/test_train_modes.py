@@ -106,7 +106,8 @@ def test_relu_fusion_only_where_the_relu_module_is_the_only_user():
     assert "forward" in model.r1.__dict__ and "forward" not in model.r2.__dict__
     seen = []
     model.r1.register_forward_hook(lambda m, i, o: seen.append(o is i[0]))
-    _compare_training(model.train(), ref.train(), [torch.randn(2, 3, 8, 8)], zero_grad=("c1.bias", "c2.bias", "c3.bias"))
+    _compare_training(model.train(), ref.train(), [torch.randn(2, 3, 8, 8)],
+                      zero_grad=("c1.bias", "c2.bias", "c3.bias"))
     assert seen == [True], "the fused ReLU's hooks fire and see the block output pass through"
 
 

@@ -98,7 +98,8 @@ class Analysis:
     notes: List[str] = field(default_factory=list)
 
 
-def normalize_example_inputs(example_inputs: Any, model: Optional[nn.Module] = None) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
+def normalize_example_inputs(example_inputs: Any,
+                             model: Optional[nn.Module] = None) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
     """``Tensor`` -> ``((t,), {})``; tuple -> positional args; dict -> kwargs; list -> the list as the one
     argument when ``model.forward`` has exactly one required positional parameter (a detector's list
     of images), else positional args."""
@@ -140,7 +141,8 @@ def _structural_reason(conv: nn.Module, conv_name: str, bn: nn.Module, bn_name: 
         ):
             return f"lazy module `{name}` is not initialized yet; run one forward pass before converting"
     if getattr(conv, "_forward_pre_hooks", None) and _prehook_sets_weight(conv):
-        return (f"`{conv_name}` computes its weight in a forward pre-hook (torch.nn.utils.prune or the old weight_norm), "
+        return (f"`{conv_name}` computes its weight in a forward pre-hook (torch.nn.utils.prune or the old "
+                f"weight_norm), "
                 f"so its `weight` attribute changes every call; call torch.nn.utils.prune.remove / remove_weight_norm "
                 f"first, or use torch.nn.utils.parametrize")
     out_features = conv.out_features if isinstance(conv, nn.Linear) else conv.out_channels
@@ -412,7 +414,8 @@ def _fx_analysis(model: nn.Module) -> Analysis:
                            f"conv. Give each use its own norm module")
         elif others or feeds:
             cand.reason = (f"the output of `{conv_name}` is also used by "
-                           f"{', '.join('`%s`' % o for o in others + feeds)} (in train() or eval()), which must see the "
+                           f"{', '.join('`%s`' % o for o in others + feeds)} (in train() or eval()), which must "
+                           f"see the "
                            f"un-normalized values, so the norm cannot be folded into it")
         else:
             cand.reason = _structural_reason(cand.conv, conv_name, m, name, cand.norm)
@@ -624,7 +627,8 @@ def _dynamic_analysis(model: nn.Module, example_inputs: Any) -> Analysis:
             cand.reason = (f"`{name}` is called {calls[name]} times in forward; it cannot be folded into one "
                            f"conv. Give each use its own norm module")
         elif feeds or others:
-            cand.reason = (f"the output of `{conv_name}` is also used by {', '.join('`%s`' % o for o in feeds + others)}, "
+            users = ", ".join("`%s`" % o for o in feeds + others)
+            cand.reason = (f"the output of `{conv_name}` is also used by {users}, "
                            f"which must see the un-normalized values, so the norm cannot be folded into it")
         else:
             cand.reason = _structural_reason(cand.conv, conv_name, m, name, cand.norm)

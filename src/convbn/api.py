@@ -140,7 +140,6 @@ def convert(
         raise TypeError(f"filter_fn must be callable as filter_fn(module, qualified_name) -> bool, got "
                         f"{type(filter_fn).__name__}. Example: filter_fn=lambda m, name: name.startswith('backbone.')")
     variant = _train_variant(mode, recompute, fission)
-    state = _state(model)
     analysis = analyze(model, example_inputs)
     plan = make_plan(analysis, mode, filter_fn, variant)
     previously_deployed = _deployed_rows(model)
@@ -197,7 +196,8 @@ def _live(model: nn.Module, report: Report) -> Report:
         if live is None or (r.mode in INSTALLED_MODES and live != r.mode):
             live = live or "train"
             rows.append(dataclasses.replace(r, mode=live, status="skipped" if live == "train" else r.status,
-                                            reason=f"changed by a later convbn.convert/revert of a submodule: runs {live}"))
+                                            reason=f"changed by a later convbn.convert/revert of a submodule: "
+                                                   f"runs {live}"))
             changed = True
         else:
             rows.append(r)

@@ -210,8 +210,9 @@ def make_plan(analysis: Analysis, mode: str, filter_fn: Optional[FilterFn],
                 reason = (f"Linear->BatchNorm1d `{conv_name}` can only be folded for 2-D input, and without "
                           f"example_inputs convbn cannot prove the input is 2-D; pass example_inputs")
         if reason is None and mode == "deploy" and cand.proven_by != "torch.fx":
-            reason = (f"only a run on example_inputs proved that `{conv_name}` feeds `{bn_name}` alone (torch.fx cannot "
-                      f"trace this part); deploy folds permanently and cannot check other inputs at run time. Make this "
+            reason = (f"only a run on example_inputs proved that `{conv_name}` feeds `{bn_name}` alone (torch.fx "
+                      f"cannot trace this part); deploy folds permanently and cannot check other inputs at run time. "
+                      f"Make this "
                       f"part traceable by torch.fx, or use tune, which checks the data flow on every call")
         if reason is None and mode == "deploy" and _hook_kinds(cand):
             reason = (f"{_hook_kinds(cand)}; deploy removes the norm (its hooks would be lost) and the conv would see "

@@ -22,8 +22,10 @@ from convbn.functions.tune import ConvSpec
 # name -> (layer factory(bias), BN class, input shape). Sizes are tiny: the whole file must run fast.
 LAYERS = {
     "conv1d_s2p1": (lambda b: nn.Conv1d(4, 6, 3, stride=2, padding=1, bias=b), nn.BatchNorm1d, (3, 4, 9)),
-    "conv2d_g2_d2": (lambda b: nn.Conv2d(4, 6, 3, padding=2, dilation=2, groups=2, bias=b), nn.BatchNorm2d, (2, 4, 7, 6)),
-    "conv2d_asym": (lambda b: nn.Conv2d(4, 6, (3, 1), stride=(2, 1), padding=(1, 0), bias=b), nn.BatchNorm2d, (2, 4, 7, 5)),
+    "conv2d_g2_d2": (lambda b: nn.Conv2d(4, 6, 3, padding=2, dilation=2, groups=2, bias=b), nn.BatchNorm2d,
+                     (2, 4, 7, 6)),
+    "conv2d_asym": (lambda b: nn.Conv2d(4, 6, (3, 1), stride=(2, 1), padding=(1, 0), bias=b), nn.BatchNorm2d,
+                    (2, 4, 7, 5)),
     "conv3d": (lambda b: nn.Conv3d(4, 6, 3, padding=1, bias=b), nn.BatchNorm3d, (2, 4, 4, 3, 5)),
     "convT1d_s2_op1": (lambda b: nn.ConvTranspose1d(4, 6, 3, stride=2, padding=1, output_padding=1, bias=b),
                        nn.BatchNorm1d, (3, 4, 6)),

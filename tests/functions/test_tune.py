@@ -69,7 +69,8 @@ def test_tune_equals_eval_forward_and_all_gradients(kind, bias, affine, groups, 
 def test_gradcheck_float64(kind, groups, second_order, route):
     layer, bn, x = make_block(kind, True, True, groups, c_in=2, c_out=4)
     layer, bn = layer.double(), bn.double().eval()
-    x = x[:3] if x.dim() == 2 else x[(slice(0, 2), slice(None)) + (slice(0, {3: 5, 4: 4, 5: 3}[x.dim()]),) * (x.dim() - 2)]
+    spatial = (slice(0, {3: 5, 4: 4, 5: 3}[x.dim()]),) * (x.dim() - 2) if x.dim() > 2 else ()
+    x = x[:3] if x.dim() == 2 else x[(slice(0, 2), slice(None)) + spatial]
     x = x.double().contiguous().requires_grad_(True)
     inputs = (x, layer.weight, layer.bias, bn.weight, bn.bias)
     spec = None if kind == "Linear" else ConvSpec(tuple(layer.stride), tuple(layer.padding), tuple(layer.dilation),

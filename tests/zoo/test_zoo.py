@@ -220,8 +220,8 @@ def test_every_norm_layer_has_one_report_row(zoo: ZooModel) -> None:
     twice = sorted(n for n, k in counts.items() if k > 1)
     # convbn also lists the other normalization layers (GroupNorm in FCOS/RetinaNet heads) as skipped, with a reason
     modules = dict(zoo.model.named_modules())
-    others = {r.bn for r in rep.rows if r.bn not in norms and isinstance(modules.get(r.bn), (nn.GroupNorm, nn.LayerNorm))
-              and r.status == "skipped" and "per-sample statistics" in r.reason}
+    others = {r.bn for r in rep.rows if r.bn not in norms and r.status == "skipped"
+              and isinstance(modules.get(r.bn), (nn.GroupNorm, nn.LayerNorm)) and "per-sample statistics" in r.reason}
     unknown = sorted(set(counts) - set(norms) - others)
     kinds = Counter(type(norms[n]).__name__ for n in missing)
     assert not missing and not twice and not unknown, (

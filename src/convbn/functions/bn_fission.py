@@ -19,8 +19,8 @@ per-channel ``a, b, e``. Saved for backward: ``x`` and float64 per-channel vecto
 parameters).
 
 In eager mode one fused C++ call per direction also does the per-channel arithmetic (``invstd``, the
-running-statistics update, ``dgamma``/``dbeta``). The four sweeps are a small C++/OpenMP kernel (no torch headers, built once with the system C++
-compiler into ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/convbn``, loaded with ``ctypes``) for float32 and
+running-statistics update, ``dgamma``/``dbeta``). The four sweeps are a small C++/OpenMP kernel (no torch
+headers, built once with the system C++ compiler into ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/convbn``, loaded with ``ctypes``) for float32 and
 float64 in contiguous (``N, C, L``) or channels-last (``N, L, C``) layout. If the build fails, or for
 other dtypes, a pure-torch implementation with the same semantics runs instead (it warns once). Each
 sweep is a ``torch.library.custom_op`` with a fake implementation, so ``torch.compile`` traces the
@@ -304,7 +304,8 @@ void grad_input(const T* dy, const T* x, T* dx, int64_t N, int64_t C, int64_t L,
       if (relu) {
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) {
-          d[c] = CA[c] * relu_grad(g[c], bn_value(p[c], H[c], Lo[c], A[c], B[c])) + CB[c] * ((p[c] - H[c]) - Lo[c]) + CE[c]; }
+          d[c] = CA[c] * relu_grad(g[c], bn_value(p[c], H[c], Lo[c], A[c], B[c]))
+                 + CB[c] * ((p[c] - H[c]) - Lo[c]) + CE[c]; }
       } else {
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) d[c] = CA[c] * g[c] + CB[c] * ((p[c] - H[c]) - Lo[c]) + CE[c];
@@ -561,7 +562,8 @@ def _grad_sums_impl(grad: Tensor, x: Tensor, mean: Tensor, scale: Tensor, shift:
     lib, sfx, n, c, length, nlc = args
     sum_g = torch.empty(c, dtype=torch.float64)
     sum_gx = torch.empty(c, dtype=torch.float64)
-    getattr(lib, f"grad_sums_{sfx}")(grad.data_ptr(), x.data_ptr(), n, c, length, nlc, threads(x.numel()), mean.data_ptr(),
+    getattr(lib, f"grad_sums_{sfx}")(grad.data_ptr(), x.data_ptr(), n, c, length, nlc, threads(x.numel()),
+                                     mean.data_ptr(),
                                      scale.data_ptr(), shift.data_ptr(), int(relu), sum_g.data_ptr(),
                                      sum_gx.data_ptr())
     return sum_g, sum_gx
@@ -589,7 +591,8 @@ def _grad_input_impl(grad: Tensor, x: Tensor, mean: Tensor, scale: Tensor, shift
         return dx.to(x.dtype)
     lib, sfx, n, c, length, nlc = args
     dx = torch.empty_like(x)
-    getattr(lib, f"grad_input_{sfx}")(grad.data_ptr(), x.data_ptr(), dx.data_ptr(), n, c, length, nlc, threads(x.numel()),
+    getattr(lib, f"grad_input_{sfx}")(grad.data_ptr(), x.data_ptr(), dx.data_ptr(), n, c, length, nlc,
+                                      threads(x.numel()),
                                       mean.data_ptr(), scale.data_ptr(), shift.data_ptr(), int(relu),
                                       a.data_ptr(), b.data_ptr(), e.data_ptr())
     return dx

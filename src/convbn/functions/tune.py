@@ -249,7 +249,8 @@ def tune_backward(
         grad_b = gb if need_b else None
     else:
         w = _folded_weight(weight, scale, spec, compute_dtype)
-        gx, gwf, gbf = _layer_backward(g, x_used, w, spec, [need_x, need_w or need_gamma, need_b or need_gamma or need_beta])
+        mask = [need_x, need_w or need_gamma, need_b or need_gamma or need_beta]
+        gx, gwf, gbf = _layer_backward(g, x_used, w, spec, mask)
         del w
         gwf = None if gwf is None else gwf.to(fdt)
         sum_g = None if gbf is None else gbf.to(fdt)

@@ -34,7 +34,8 @@ def fold(cand: Candidate) -> Tuple[Tensor, Tensor]:
     conv, p = cand.conv, cand.norm.read(cand.bn)
     with torch.no_grad():
         return fold_conv_bn_weights(conv.weight, conv.bias, p.running_mean, p.running_var, p.weight, p.bias, p.eps,
-                                    groups=getattr(conv, "groups", 1), transposed=bool(getattr(conv, "transposed", False)))
+                                    groups=getattr(conv, "groups", 1),
+                                    transposed=bool(getattr(conv, "transposed", False)))
 
 
 def replacement(cand: Candidate) -> nn.Module:
