@@ -18,12 +18,12 @@ forward's own arithmetic -- never a stored bool tensor, never a re-read of the o
 per-channel ``a, b, e``. Saved for backward: ``x`` and float64 per-channel vectors (plus the affine
 parameters).
 
-In eager mode one fused C++ call per direction also does the per-channel arithmetic (``invstd``, the
-running-statistics update, ``dgamma``/``dbeta``). The four sweeps are a small C++/OpenMP kernel (no torch
-headers, built once with the system C++ compiler into ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/convbn``,
-loaded with ``ctypes``) for float32 and float64 in contiguous (``N, C, L``) or channels-last (``N, L, C``)
-layout. If the build fails, or for other dtypes, a pure-torch implementation with the same semantics runs instead (it warns once). Each
-sweep is a ``torch.library.custom_op`` with a fake implementation, so ``torch.compile`` traces the
+In eager mode one fused C++ call per direction also does the per-channel arithmetic (``invstd``, the running-
+statistics update, ``dgamma``/``dbeta``). The four sweeps are a small C++/OpenMP kernel (no torch headers,
+built once with the system C++ compiler into ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/convbn``, loaded with
+``ctypes``) for float32 and float64 in contiguous (``N, C, L``) or channels-last (``N, L, C``) layout. If the
+build fails, or for other dtypes, a pure-torch implementation with the same semantics runs instead (it warns
+once). Each sweep is a ``torch.library.custom_op`` with a fake implementation, so ``torch.compile`` traces the
 op without graph breaks.
 
 Beyond one training step, as plain PyTorch: ``create_graph=True`` (a gradient penalty) differentiates
