@@ -207,38 +207,52 @@ def test_a_norm_pre_hook_that_changes_its_input_in_place_is_honoured():
 
 
 class SometimesSkips(nn.Module):
-    """A branch no trace takes (a flag set after conversion) hands the conv output around the BN."""
+    """Branches no trace takes: inputs with a large sum skip the BN, or scale the conv output in place;
+    an attribute set after conversion does the same."""
 
     def __init__(self):
         super().__init__()
         self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
-        self.skip_bn, self.scale_in_place = False, False
+        self.skip_bn = False
 
     def forward(self, x):
         y = self.conv(x)
-        if self.scale_in_place:
+        if x.sum() > 1e3:
             y.mul_(2)
-        return y if self.skip_bn else self.bn(y)
+        if self.skip_bn or x.sum() < -1e3:
+            return y
+        return self.bn(y)
+
+
+def _converted_sometimes_skips():
+    model = randomize_all_bn(SometimesSkips())
+    convbn.convert(model, "tune", example_inputs=(torch.randn(2, 3, 8, 8),))  # fx cannot trace the data branch
+    assert convbn.report(model).rows[0].status == "converted"
+    return model
 
 
 def test_a_fused_output_that_skips_the_norm_raises_when_the_owner_returns():
-    model = randomize_all_bn(SometimesSkips())
-    convbn.convert(model, "tune")
+    model = _converted_sometimes_skips()
     x = torch.randn(2, 3, 8, 8)
-    model(x)
-    model.skip_bn = True
     with pytest.raises(ConvBNError, match="was not passed to `bn`"):
-        model(x)
-    model.skip_bn = False  # the failed forward leaves no stale state
-    assert_close_rel(model(x), plain_eval_reference(model)(x), 1e-6)
+        model(x - 100.0)
+    assert_close_rel(model(x), plain_eval_reference(model)(x), 1e-6)  # the failed forward leaves no stale state
 
 
 def test_a_fused_output_modified_in_place_before_the_norm_raises():
-    model = randomize_all_bn(SometimesSkips())
-    convbn.convert(model, "tune")
-    model.scale_in_place = True
     with pytest.raises(ConvBNError, match="modified in place"):
-        model(torch.randn(2, 3, 8, 8))
+        _converted_sometimes_skips()(torch.randn(2, 3, 8, 8) + 100.0)
+
+
+def test_an_attribute_switched_after_conversion_runs_the_block_unfused():
+    model = _converted_sometimes_skips()
+    x = torch.randn(2, 3, 8, 8)
+    ref = plain_eval_reference(model)
+    model.skip_bn = ref.skip_bn = True
+    assert_close_rel(model(x), ref(x), 1e-6)
+    assert "skip_bn" in model.bn.forward.block.fallback_reason
+    model.skip_bn = ref.skip_bn = False  # switched back: fused again, still equal
+    assert_close_rel(model(x), ref(x), 1e-6)
 
 
 def test_calling_a_converted_conv_outside_its_owner_is_plain_pytorch():

@@ -96,6 +96,8 @@ class Analysis:
     candidates: List[Candidate]
     method: str  # "torch.fx", "dynamic trace", ...
     notes: List[str] = field(default_factory=list)
+    # module attributes a forward itself changes (counters, caches): not switches of the data flow
+    volatile: Set[str] = field(default_factory=set)
 
 
 def normalize_example_inputs(example_inputs: Any,
@@ -274,10 +276,11 @@ class _Trace:
     """The facts one fx graph proves about the module calls it contains (names relative to the model root)."""
 
     calls: Dict[str, int]
-    norm_input: Dict[str, Optional[str]]  # norm name -> conv/linear name feeding it, or None
+    norm_input: Dict[str, List[Optional[str]]]  # norm name -> per call: the conv/linear feeding it, or None
     norm_input_desc: Dict[str, str]
     other_users: Dict[str, List[str]]  # conv name -> users other than its norm
     relu_of: Dict[str, Optional[str]]  # norm name -> the nn.ReLU module that is its only user, or None
+    volatile: Set[str] = field(default_factory=set)
 
 
 def _trace_module(root: nn.Module, prefix: str, modules: Dict[str, nn.Module], training: bool) -> _Trace:
@@ -286,7 +289,8 @@ def _trace_module(root: nn.Module, prefix: str, modules: Dict[str, nn.Module], t
         root.train(training)
         with torch.random.fork_rng(devices=[]):  # a forward that draws random numbers must not move the user's RNG
             graph = _LeafTracer().trace(root)
-        stashed = [(p, v) for p, v in state.stashed() if isinstance(v, torch.fx.Proxy)]
+        changed = list(state.stashed())
+        stashed = [(p, v) for p, v in changed if isinstance(v, torch.fx.Proxy)]
     finally:
         state.restore()
     full = {}
@@ -299,7 +303,7 @@ def _trace_module(root: nn.Module, prefix: str, modules: Dict[str, nn.Module], t
     stash_users: Dict[torch.fx.Node, List[str]] = {}
     for path, proxy in stashed:
         stash_users.setdefault(proxy.node, []).append(f"attribute `{path}`")
-    t = _Trace(calls, {}, {}, {}, {})
+    t = _Trace(calls, {}, {}, {}, {}, {p for p, _ in changed})
     for node, name in full.items():
         m = modules.get(name)
         if m is None or not is_norm_layer(m):
@@ -307,11 +311,11 @@ def _trace_module(root: nn.Module, prefix: str, modules: Dict[str, nn.Module], t
         src = node.args[0] if node.args else next(iter(node.kwargs.values()), None)
         if isinstance(src, torch.fx.Node) and src in full and isinstance(modules.get(full[src]), LAYER_TYPES):
             conv_name = full[src]
-            t.norm_input[name] = conv_name
+            t.norm_input.setdefault(name, []).append(conv_name)
             others = [u.name for u in src.users if u is not node] + stash_users.get(src, [])
             t.other_users.setdefault(conv_name, []).extend(others)
         else:
-            t.norm_input[name] = None
+            t.norm_input.setdefault(name, []).append(None)
             t.norm_input_desc[name] = src.name if isinstance(src, torch.fx.Node) else repr(src)
         users = list(node.users)
         relu = None
@@ -392,20 +396,25 @@ def _fx_analysis(model: nn.Module) -> Analysis:
             if relu is not None and calls.get(relu, 0) == 1 and calls.get(name, 0) == 1:
                 _set_relu(cand, relu, modules[relu])
         cand.inner_relu = fusable_relu(m, cand.norm) if calls.get(name, 0) == 1 else None
-        sources = {t.norm_input[name] for t in seen}
+        sources = {c for t in seen for c in t.norm_input[name]}
         if None in sources:
-            desc = next(t.norm_input_desc[name] for t in seen if t.norm_input[name] is None)
+            desc = next(t.norm_input_desc[name] for t in seen if None in t.norm_input[name])
             cand.reason = (f"the input of `{name}` is not the output of a Conv/Linear module (it comes from `{desc}`), "
                            f"so there is nothing to fold it into")
             continue
+        if len(sources) > 1 and calls.get(name, 0) > 1:
+            cand.reason = (f"`{name}` is called {calls[name]} times in forward (on the outputs of "
+                           f"{' and '.join('`%s`' % s for s in sorted(sources))}); it cannot be folded into one "
+                           f"conv. Give each use its own norm module")
+            continue
         if len(sources) > 1:
-            cand.reason = (f"`{name}` normalizes the output of {' or '.join('`%s`' % s for s in sorted(sources))} "
-                           f"depending on train()/eval(); give each its own norm layer")
+            cand.reason = (f"`{name}` normalizes the outputs of {' and '.join('`%s`' % s for s in sorted(sources))} "
+                           f"(in train() or eval()); give each use its own norm layer")
             continue
         conv_name = sources.pop()
         cand.conv_name, cand.conv = conv_name, modules[conv_name]
         others = sorted({u for t in traces for u in t.other_users.get(conv_name, [])})
-        feeds = sorted({n for t in traces for n, c in t.norm_input.items() if c == conv_name and n != name})
+        feeds = sorted({n for t in traces for n, cs in t.norm_input.items() if conv_name in cs and n != name})
         if calls.get(conv_name, 0) > 1:
             cand.reason = (f"`{conv_name}` is called {calls[conv_name]} times in forward; folding a norm into it would "
                            f"change every call. Give each use its own module")
@@ -419,7 +428,7 @@ def _fx_analysis(model: nn.Module) -> Analysis:
                            f"un-normalized values, so the norm cannot be folded into it")
         else:
             cand.reason = _structural_reason(cand.conv, conv_name, m, name, cand.norm)
-    return Analysis(candidates, "torch.fx", notes)
+    return Analysis(candidates, "torch.fx", notes, {p for t in traces for p in t.volatile})
 
 
 def _set_relu(cand: Candidate, name: str, module: nn.Module) -> None:
@@ -457,11 +466,12 @@ class _UseRecorder(TorchFunctionMode):
 @dataclass
 class _Run:
     calls: Dict[str, int]
-    norm_input: Dict[str, Optional[str]]  # norm -> conv name
+    norm_input: Dict[str, List[Optional[str]]]  # norm -> per call: the conv name feeding it, or None
     others: Dict[str, List[str]]  # conv name -> other uses
     relu_of: Dict[str, Optional[str]]
     norm_other: Dict[str, List[str]]  # norm -> other uses of its output (besides a ReLU)
     out_dims: Dict[str, int]
+    volatile: Set[str] = field(default_factory=set)
 
 
 def _dynamic_run(model: nn.Module, args, kwargs, training: bool) -> _Run:
@@ -495,8 +505,7 @@ def _dynamic_run(model: nn.Module, args, kwargs, training: bool) -> _Run:
         x = inp[0] if inp else None
         src = outputs.get(id(x)) if isinstance(x, torch.Tensor) else None
         conv = src[0] if src is not None and src[1] is x else None
-        if name not in run.norm_input or run.norm_input[name] != conv:
-            run.norm_input[name] = conv if name not in run.norm_input else None
+        run.norm_input.setdefault(name, []).append(conv)
         if conv is not None:
             run.others.setdefault(conv, [])
         active.append(name)
@@ -543,7 +552,9 @@ def _dynamic_run(model: nn.Module, args, kwargs, training: bool) -> _Run:
         with torch.random.fork_rng(devices=[]), torch.no_grad(), _UseRecorder(tracked, active, other_uses):
             result = model(*args, **kwargs)
         kept = [("the model's return value", v) for v in _flat_values(_as_containers(result))]
-        kept += [(f"attribute `{p}`", v) for p, v in state.stashed()]
+        changed = list(state.stashed())
+        kept += [(f"attribute `{p}`", v) for p, v in changed]
+        run.volatile = {p for p, _ in changed}
     finally:
         for m, fwd in installed.values():
             m.__dict__["forward"] = fwd
@@ -609,7 +620,7 @@ def _dynamic_analysis(model: nn.Module, example_inputs: Any) -> Analysis:
             if relu is not None and max(r.calls.get(relu, 0) for r in runs) == 1 and norm_calls == 1:
                 _set_relu(cand, relu, modules[relu])
         cand.inner_relu = fusable_relu(m, cand.norm) if norm_calls == 1 else None
-        sources = {r.norm_input[name] for r in seen}
+        sources = {c for r in seen for c in r.norm_input[name]}
         if None in sources or len(sources) > 1:
             cand.reason = (f"the input of `{name}` is not (always) the output of one Conv/Linear module, so there is "
                            f"nothing to fold it into")
@@ -618,7 +629,7 @@ def _dynamic_analysis(model: nn.Module, example_inputs: Any) -> Analysis:
         cand.conv_name, cand.conv = conv_name, modules[conv_name]
         cand.layer_output_dim = max(r.out_dims.get(conv_name, 0) for r in seen) or None
         calls = {k: max(r.calls.get(k, 0) for r in runs) for k in (conv_name, name)}
-        feeds = sorted({n for r in runs for n, c in r.norm_input.items() if c == conv_name and n != name})
+        feeds = sorted({n for r in runs for n, cs in r.norm_input.items() if conv_name in cs and n != name})
         others = sorted({u for r in runs for u in r.others.get(conv_name, [])})
         if calls[conv_name] > 1:
             cand.reason = (f"`{conv_name}` is called {calls[conv_name]} times in forward; folding a norm into it would "
@@ -632,7 +643,7 @@ def _dynamic_analysis(model: nn.Module, example_inputs: Any) -> Analysis:
                            f"which must see the un-normalized values, so the norm cannot be folded into it")
         else:
             cand.reason = _structural_reason(cand.conv, conv_name, m, name, cand.norm)
-    return Analysis(candidates, "dynamic trace", notes)
+    return Analysis(candidates, "dynamic trace", notes, {p for r in runs for p in r.volatile})
 
 
 def analyze(model: nn.Module, example_inputs: Any = None) -> Analysis:
@@ -680,4 +691,5 @@ def analyze(model: nn.Module, example_inputs: Any = None) -> Analysis:
     fx.candidates = merged
     fx.method = "torch.fx + dynamic trace"
     fx.notes.extend(dyn.notes)
+    fx.volatile |= dyn.volatile
     return fx

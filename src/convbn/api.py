@@ -144,7 +144,7 @@ def convert(
     plan = make_plan(analysis, mode, filter_fn, variant)
     previously_deployed = _deployed_rows(model)
     newly_deployed: List[BlockReport] = []
-    _apply(model, plan, mode, newly_deployed)
+    _apply(model, plan, mode, newly_deployed, analysis.volatile)
     rows = previously_deployed + [r for _, r in plan]
     model.__dict__[_STATE] = _State(Report(rows, variant or mode, analysis.method, True, analysis.notes),
                                     previously_deployed + newly_deployed)
@@ -222,7 +222,7 @@ def _train_variant(mode: str, recompute: Any, fission: Any) -> Optional[str]:
     return "train-recompute" if recompute else "train-fission" if fission else None
 
 
-def _apply(model: nn.Module, plan, mode: str, deployed: List[BlockReport]) -> None:
+def _apply(model: nn.Module, plan, mode: str, deployed: List[BlockReport], volatile=frozenset()) -> None:
     """Install the plan; on any failure restore every instance forward and root hook as it was."""
     before = {id(m): (m, m.__dict__.get("forward")) for m in model.modules() if installed_block(m) is not None}
     cache = icf.StatsCache() if any(row.mode == "train-fission" for _, row in plan) else None
@@ -240,7 +240,7 @@ def _apply(model: nn.Module, plan, mode: str, deployed: List[BlockReport]) -> No
                 install(blocks[-1])
             elif row.mode == "deploy":
                 folds.append((cand, row, fold(cand)))
-        install_guards(model, blocks)
+        install_guards(model, blocks, volatile)
         if cache is not None:
             icf.install_root_hooks(model, cache)
     except BaseException:

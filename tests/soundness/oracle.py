@@ -115,7 +115,9 @@ def step(model: nn.Module, spec: Optional[ModelSpec], k: int, x: torch.Tensor, f
             if isinstance(m, _BatchNorm):
                 m.eval()
     if spec is not None and spec.flag_attr:
-        model.flag = flag
+        # deploy folds permanently the data flow proven with the attributes as they were at conversion (README:
+        # "What convbn proves"); only the modes that run code at call time can follow a switch flipped later
+        model.flag = flag if semantics != "deploy" else False
     torch.manual_seed(1000 + k)
     xin = x.clone().requires_grad_(True)
     out = model(xin, flag=flag) if spec is not None and spec.flag_arg else model(xin)

@@ -58,6 +58,7 @@ class Block:
         self._pending_version = 0
         self._relu_now = False  # whether this call's kernel computed the ReLU (hooks can forbid it per call)
         self._owner_depth = 0  # > 0 while the owner's forward runs (see convbn.runtime.guard)
+        self._stale: Optional[str] = None  # an attribute changed since conversion: run unfused
 
     @property
     def fuses_relu(self) -> bool:
@@ -66,7 +67,7 @@ class Block:
     # pickling / deepcopy: the output in flight is transient state, never serialized
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_pending"], state["_owner_depth"] = None, 0
+        state["_pending"], state["_owner_depth"], state["_stale"] = None, 0, None
         return state
 
     def params(self) -> NormParams:
@@ -141,7 +142,8 @@ class Block:
         (then the conv runs stock and the norm normalizes what it receives: plain PyTorch's data flow), outside
         the owner's forward, or when the running statistics were removed (TENT-style adaptation)."""
         p = self.params()
-        return (self._owner_depth > 0 and p.running_mean is not None and p.running_var is not None
+        return (self._owner_depth > 0 and self._stale is None and p.running_mean is not None
+                and p.running_var is not None
                 and not (_global_hooks() or _hooked(self.conv, forward=True, backward=True)
                          or _hooked(self.bn, pre=True, backward=True)))
 
@@ -149,7 +151,7 @@ class Block:
         """Compute the ReLU in the norm's kernel this call? Not while a hook observes the pre-ReLU tensor."""
         if not self.fuses_relu or _global_hooks() or _hooked(self.bn, forward=True, backward=True):
             return False
-        if self.relu is not None and self._owner_depth == 0:
+        if self.relu is not None and (self._owner_depth == 0 or self._stale is not None):
             return False
         relu = self.relu if self.relu is not None else self.inner_relu
         return not _hooked(relu, pre=True, forward=True, backward=True)
