@@ -62,7 +62,7 @@ def randomize_norm(norm: nn.Module, seed: int = 0) -> nn.Module:
         if getattr(norm, "weight", None) is not None:
             scale = torch.exp(torch.empty(c, dtype=DT).uniform_(math.log(0.05), math.log(20.0), generator=g))
             sign = torch.where(torch.rand(c, generator=g) < 0.2, -1.0, 1.0).to(DT)
-            norm.weight.copy_(sign * scale * torch.sqrt(var + norm.eps))
+            norm.weight.copy_(sign * scale * torch.sqrt(var + getattr(norm, "eps", 1e-5)))
             norm.bias.copy_(torch.randn(c, generator=g, dtype=DT))
     return norm
 
@@ -332,3 +332,43 @@ def test_converted_model_with_a_builtin_norm_pickles(tmp_path, kind):
     loaded = torch.load(path, weights_only=False)
     x = torch.randn(2, 3, 7, 7, dtype=DT)
     assert_close_rel(loaded(x), model(x), 0)
+
+
+class DETRFrozenBatchNorm2d(nn.Module):
+    """DETR's copy of detectron2's FrozenBatchNorm2d: its own name and module, eps hard-coded, no eps attribute."""
+
+    def __init__(self, n):
+        super().__init__()
+        for name, init in (("weight", torch.ones), ("bias", torch.zeros), ("running_mean", torch.zeros),
+                           ("running_var", torch.ones)):
+            self.register_buffer(name, init(n))
+
+    def forward(self, x):
+        w, b = self.weight.reshape(1, -1, 1, 1), self.bias.reshape(1, -1, 1, 1)
+        rv, rm = self.running_var.reshape(1, -1, 1, 1), self.running_mean.reshape(1, -1, 1, 1)
+        scale = w * (rv + 1e-5).rsqrt()
+        return x * scale + (b - rm * scale)
+
+
+class WrongEpsFrozenBN(DETRFrozenBatchNorm2d):
+    eps = 1e-3  # claims 1e-3, computes 1e-5: the probe must refuse it
+
+    def forward(self, x):
+        return super().forward(x)
+
+
+def test_a_frozen_bn_copy_is_recognised_only_when_its_forward_is_verified():
+    for cls, recognised in ((DETRFrozenBatchNorm2d, True), (WrongEpsFrozenBN, False)):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), cls(4)).to(DT)
+        randomize_norm(model[1])
+        (row,) = convbn.report(model).rows
+        assert (row.status == "converted") is recognised, row
+        if not recognised:
+            assert "probed" in row.reason
+            continue
+        x = torch.randn(2, 3, 7, 7, dtype=DT, requires_grad=True)
+        expected = step(copy.deepcopy(model), x)
+        convbn.convert(model, "tune")
+        assert_same_step(step(model, x), expected)
+        assert_close_rel(convbn.deploy(convbn.revert(model))(x), expected[0], 1e-12)

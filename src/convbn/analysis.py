@@ -361,6 +361,7 @@ def _under(name: str, roots: List[str]) -> bool:
 
 def _fx_analysis(model: nn.Module) -> Analysis:
     modules = dict(model.named_modules())
+    norm_layers = _norm_layers(model)  # before tracing: recognising a norm may run its forward (a probe)
     traces, roots, notes = _fx_traces(model, modules)
     if not roots:
         raise ConvBNError(notes[0] if notes else "torch.fx could not trace any submodule")
@@ -377,7 +378,7 @@ def _fx_analysis(model: nn.Module) -> Analysis:
         for n, c in per_state.items():
             calls[n] = max(calls.get(n, 0), c)
     candidates: List[Candidate] = []
-    for name, m in _norm_layers(model):
+    for name, m in norm_layers:
         cand = _norm_candidate(name, m)
         candidates.append(cand)
         if cand.norm is None:

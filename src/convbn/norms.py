@@ -39,9 +39,12 @@ A type is recognised only while it keeps its stock ``forward``: a subclass that 
 
 from __future__ import annotations
 
+import copy
+import weakref
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
@@ -122,6 +125,59 @@ def _matcher(*qualified: Tuple[str, str]) -> Callable[[nn.Module], bool]:
     return lambda m: _stock_class(m, qualified) is not None
 
 
+_FROZEN_BUFFERS = ("weight", "bias", "running_mean", "running_var")
+_probed: "weakref.WeakKeyDictionary[nn.Module, Tuple[object, Optional[float]]]" = weakref.WeakKeyDictionary()
+
+
+def probed_frozen_eps(module: nn.Module) -> Optional[float]:
+    """For a copy of a FrozenBatchNorm2d under another name (detectron2's, copied into DETR and many
+    repos): a class named ``*FrozenBatchNorm*`` / ``*FrozenBN*`` with the four per-channel buffers is
+    accepted only if its own forward, probed on a copy with tiny variances (so eps matters) for inputs with
+    and without ``requires_grad``, equals ``(x - mean) / sqrt(var + eps) * weight + bias``. Returns eps."""
+    name = type(module).__name__
+    if "FrozenBatchNorm" not in name and "FrozenBN" not in name:
+        return None
+    bufs = [module._buffers.get(b) for b in _FROZEN_BUFFERS]
+    if any(b is None or b.dim() != 1 or b.numel() != bufs[0].numel() or b.device.type == "meta" for b in bufs):
+        return None
+    key = type(module).forward
+    hit = _probed.get(module)
+    if hit is not None and hit[0] is key:
+        return hit[1]
+    if torch.fx._symbolic_trace.is_fx_tracing():  # the probe must run as plain eager code (analysis warms the cache)
+        return None
+    eps = _probe(module)
+    _probed[module] = (key, eps)
+    return eps
+
+
+def _probe(module: nn.Module) -> Optional[float]:
+    c = module._buffers["running_mean"].numel()
+    g = torch.Generator().manual_seed(0)
+    eps = float(getattr(module, "eps", 1e-5))
+    try:
+        clone = copy.deepcopy(module).to(torch.float64)
+        with torch.no_grad():
+            clone.running_var.copy_(torch.rand(c, generator=g, dtype=torch.float64) * 1e-4 + 1e-6)
+            clone.running_mean.copy_(torch.randn(c, generator=g, dtype=torch.float64))
+            clone.weight.copy_(torch.randn(c, generator=g, dtype=torch.float64))
+            clone.bias.copy_(torch.randn(c, generator=g, dtype=torch.float64))
+        x = torch.randn(2, c, 3, 3, generator=g, dtype=torch.float64)
+        expected = F.batch_norm(x, clone.running_mean, clone.running_var, clone.weight, clone.bias, False, 0.0, eps)
+        for grad in (False, True):
+            with torch.enable_grad():
+                out = clone(x.clone().requires_grad_(grad))
+            if not torch.allclose(out.detach(), expected, rtol=1e-9, atol=1e-9):
+                return None
+    except Exception:  # a forward that cannot run on the probe is not recognised
+        return None
+    return eps
+
+
+def _read_probed(m: nn.Module) -> NormParams:
+    return NormParams(m.running_mean, m.running_var, probed_frozen_eps(m), m.weight, m.bias)
+
+
 _TIMM = ("timm.layers.norm_act", "timm.models.layers.norm_act")
 _BUILTIN: Tuple[NormType, ...] = (
     NormType("BatchNorm", lambda m: isinstance(m, _BatchNorm)
@@ -135,6 +191,8 @@ _BUILTIN: Tuple[NormType, ...] = (
              frozen=True),
     NormType("timm FrozenBatchNormAct2d", _matcher(*((p, "FrozenBatchNormAct2d") for p in _TIMM)), frozen=True,
              after=_drop_then_act),
+    NormType("FrozenBatchNorm2d copy (verified by probe)", lambda m: probed_frozen_eps(m) is not None, frozen=True,
+             read=_read_probed),
 )
 _REGISTERED: List[Tuple[type, NormType]] = []
 
@@ -224,6 +282,10 @@ def unsupported_reason(module: nn.Module, name: str) -> str:
             not isinstance(module, _BatchNorm) and "BatchNorm" not in cls and "FrozenBN" not in cls):
         return (f"{cls} `{name}` normalizes with per-sample statistics, not running statistics, so there is "
                 f"nothing to fold; it stays plain PyTorch")
+    if "Frozen" in cls:
+        return (f"{cls} `{name}` looks like a FrozenBatchNorm2d, but its forward does not compute "
+                f"(x - running_mean) / sqrt(running_var + eps) * weight + bias (probed), so convbn leaves it alone; "
+                f"register it with convbn.register_norm if it is a frozen BatchNorm")
     return (f"{cls} `{name}` overrides forward(), so convbn cannot know what it computes; give it a stock forward, "
             f"or register it with convbn.register_norm if it is a BatchNorm variant")
 
