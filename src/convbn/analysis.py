@@ -614,12 +614,7 @@ def _dynamic_analysis(model: nn.Module, example_inputs: Any) -> Analysis:
             cand.reason = (f"`{name}` was not called when the model ran on example_inputs, so its input is unknown")
             continue
         norm_calls = max(r.calls.get(name, 0) for r in runs)
-        relus = {r.relu_of.get(name) for r in seen}
-        norm_other = [u for r in runs for u in r.norm_other.get(name, [])]
-        if len(relus) == 1 and not norm_other:
-            relu = relus.pop()
-            if relu is not None and max(r.calls.get(relu, 0) for r in runs) == 1 and norm_calls == 1:
-                _set_relu(cand, relu, modules[relu])
+        # no nn.ReLU is fused on a dynamic trace's word alone: a branch it did not take could read the norm output
         cand.inner_relu = fusable_relu(m, cand.norm) if norm_calls == 1 else None
         sources = {c for r in seen for c in r.norm_input[name]}
         if None in sources or len(sources) > 1:

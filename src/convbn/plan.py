@@ -159,6 +159,8 @@ def _train_variant_row(cand: Candidate, variant: str) -> Tuple[str, str, str]:
                                          f"recompute -> runs plain train")
         if cand.reason is not None:
             return "train", "fallback", f"{cand.reason} -> runs plain train"
+        if cand.proven_by != "torch.fx":
+            return "train", "fallback", f"{_unproven_reason(cand)} -> runs plain train"
         if _linear_rank_reason(cand):
             return "train", "fallback", f"{_linear_rank_reason(cand)} -> runs plain train"
     note = (f"ReLU `{cand.relu_name}` fused" if cand.relu is not None
@@ -209,11 +211,8 @@ def make_plan(analysis: Analysis, mode: str, filter_fn: Optional[FilterFn],
             if reason is None and mode == "deploy" and cand.layer_output_dim is None:
                 reason = (f"Linear->BatchNorm1d `{conv_name}` can only be folded for 2-D input, and without "
                           f"example_inputs convbn cannot prove the input is 2-D; pass example_inputs")
-        if reason is None and mode == "deploy" and cand.proven_by != "torch.fx":
-            reason = (f"only a run on example_inputs proved that `{conv_name}` feeds `{bn_name}` alone (torch.fx "
-                      f"cannot trace this part); deploy folds permanently and cannot check other inputs at run time. "
-                      f"Make this "
-                      f"part traceable by torch.fx, or use tune, which checks the data flow on every call")
+        if reason is None and cand.proven_by != "torch.fx":
+            reason = _unproven_reason(cand)
         if reason is None and mode == "deploy" and _hook_kinds(cand):
             reason = (f"{_hook_kinds(cand)}; deploy removes the norm (its hooks would be lost) and the conv would see "
                       f"folded values. Remove the hooks first, or use tune")
@@ -225,6 +224,13 @@ def make_plan(analysis: Analysis, mode: str, filter_fn: Optional[FilterFn],
             continue
         row(mode, "converted")
     return plan
+
+
+def _unproven_reason(cand: Candidate) -> str:
+    return (f"only a run on example_inputs showed `{cand.conv_name}` feeding `{cand.bn_name}` alone (torch.fx cannot "
+            f"trace this part); another input could take a branch that also reads the conv output, which no run-time "
+            f"check can see once the norm is folded in. Move the data-dependent control flow out of the module that "
+            f"holds them, so torch.fx can trace it")
 
 
 def _hook_kinds(cand: Candidate) -> str:

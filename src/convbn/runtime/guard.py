@@ -51,7 +51,8 @@ class AttributeWatch:
         for m, path, k, v in self.entries:
             now = m.__dict__.get(k, _MISSING)
             if now is not v and now != v:
-                return f"attribute `{path}` was {v!r} at conversion and is {'gone' if now is _MISSING else repr(now)} now"
+                return (f"attribute `{path}` was {v!r} at conversion and is "
+                        f"{'gone' if now is _MISSING else repr(now)} now")
         return None
 
 
