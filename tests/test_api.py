@@ -234,7 +234,8 @@ def _converted_sometimes_skips():
     return model
 
 
-@pytest.mark.parametrize("switch,match", [("skip_bn", "was not passed to `bn`"), ("scale_in_place", "modified in place")])
+@pytest.mark.parametrize("switch,match", [("skip_bn", "was not passed to `bn`"),
+                                          ("scale_in_place", "modified in place")])
 def test_a_branch_no_trace_saw_raises_instead_of_a_wrong_answer(monkeypatch, switch, match):
     model = _converted_sometimes_skips()
     x = torch.randn(2, 3, 8, 8)
