@@ -372,3 +372,20 @@ def test_a_frozen_bn_copy_is_recognised_only_when_its_forward_is_verified():
         convbn.convert(model, "tune")
         assert_same_step(step(model, x), expected)
         assert_close_rel(convbn.deploy(convbn.revert(model))(x), expected[0], 1e-12)
+
+
+@pytest.mark.parametrize("kind", ["detectron2-frozen", "timm-bnact", "timm-frozen-bnact"])
+def test_saved_bytes_eval_never_above_plain_and_tune_within_1_percent_of_deploy(kind):
+    from convbn.bench.memory import saved_tensor_bytes
+
+    model = build(kind, "silu")
+    model.train()
+    x = torch.randn(4, 3, 16, 16, dtype=DT)
+    plain = saved_tensor_bytes(lambda: model(x))
+    eval_ = saved_tensor_bytes(lambda: convbn.convert(copy.deepcopy(model), "eval").train()(x))
+    tune = saved_tensor_bytes(lambda: convbn.convert(copy.deepcopy(model), "tune").train()(x))
+    deploy = saved_tensor_bytes(lambda: convbn.convert(copy.deepcopy(model).eval(), "deploy").train()(x))
+    if kind in FROZEN:
+        assert eval_ <= plain, "a frozen norm's own forward (x * scale + shift) saves no activation"
+    assert tune <= 1.01 * deploy, (tune, deploy)
+    assert tune < eval_ or kind in FROZEN

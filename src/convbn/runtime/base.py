@@ -168,6 +168,13 @@ class Block:
             return input
         return type(self.relu).forward(self.relu, input)
 
+    def eval_forward(self, input: Tensor) -> Tensor:
+        """The norm's whole eval function (then its drop/act). A frozen norm's own forward already is that
+        function, and keeps its memory profile (``x * scale + shift`` saves no activation for backward)."""
+        if self.norm.frozen:
+            return type(self.bn).forward(self.bn, input)
+        return self.after(self.eval_norm(input))
+
     def eval_norm(self, input: Tensor) -> Tensor:
         """The norm in eval: running statistics, trainable affine (before the norm's own drop/act). A norm
         whose running statistics were set to None normalizes as PyTorch then does: with batch statistics."""

@@ -14,4 +14,4 @@ class EvalBlock(Block):
     roles = ("bn",)
 
     def bn_forward(self, input: Tensor) -> Tensor:
-        return self.after(self.eval_norm(input))
+        return self.eval_forward(input)

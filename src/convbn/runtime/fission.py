@@ -25,6 +25,12 @@ class FissionBlock(Block):
     def bn_forward(self, input: Tensor) -> Tensor:
         # ICF's ConcatRecorder (a TorchFunctionMode) is active during the model's forward; our own
         # ~100 tensor calls per layer (shape, data_ptr, ...) need not round-trip through it.
+        if self.norm.frozen:  # no batch statistics to fission: the norm's own forward, as the user built it
+            self._relu_now = False
+            out = self.eval_forward(input)
+            if self.relu is not None:
+                self.hand_over(out, fused=False, stage=self.bn_name)
+            return out
         direct = self.stats_cache is not None and type(input) is Tensor and not is_compiling()
         self._relu_now = self.relu_fusable()
         with torch._C.DisableTorchFunction() if direct else contextlib.nullcontext():

@@ -48,4 +48,4 @@ class TuneBlock(Block):
     def bn_forward(self, input: Tensor) -> Tensor:
         if self.take(input, self.bn_name):
             return self.after(input)
-        return self.after(self.eval_norm(input))
+        return self.eval_forward(input)
