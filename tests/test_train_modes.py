@@ -136,6 +136,16 @@ def test_linear_bn1d_on_nd_input_runs_unfused_in_recompute():
     _compare_training(model.train(), ref.train(), [torch.randn(5, 4)])
 
 
+@pytest.mark.parametrize("variant", [{"recompute": True}, {"fission": True}])
+def test_linear_bn1d_relu_on_nd_input_equals_plain_train(variant):
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.ReLU())
+    randomize_all_bn(model)
+    ref = copy.deepcopy(model)
+    convbn.convert(model, "train", **variant)  # no example_inputs: the fused ReLU must survive an unfused call
+    _compare_training(model.train(), ref.train(), [torch.randn(3, 4, 4)], zero_grad=())
+    _compare_training(model.train(), ref.train(), [torch.randn(5, 4)])
+
+
 def test_mode_switches_and_revert():
     from test_api import small_resnet
 
