@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import convbn
@@ -213,3 +214,53 @@ def test_padding_modes_and_depthwise_in_train_variants(variant, conv):
     ref = copy.deepcopy(model)
     convbn.convert(model, "train", **variant)
     _compare_training(model.train(), ref.train(), [torch.randn(3, conv.in_channels, *([7] * n))])
+
+
+class FunctionalReLUNet(nn.Module):
+    """BN followed by a functional ReLU, as hand-written and research models write it."""
+
+    def __init__(self, relu: str):
+        super().__init__()
+        self.relu = relu
+        self.c1, self.b1 = nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.c2, self.b2 = nn.Conv2d(6, 4, 3), nn.BatchNorm2d(4)
+
+    def act(self, z):
+        return {"F.relu": lambda t: F.relu(t), "torch.relu": torch.relu, "F.relu_inplace": lambda t: F.relu(t, True),
+                ".relu_()": lambda t: t.relu_(), ".relu()": lambda t: t.relu()}[self.relu](z)
+
+    def forward(self, x):
+        return self.act(self.b2(self.c2(self.act(self.b1(self.c1(x))))))
+
+
+@pytest.mark.parametrize("relu", ["F.relu", "torch.relu", "F.relu_inplace", ".relu_()", ".relu()"])
+def test_fission_fuses_a_functional_relu_exactly(relu):
+    from convbn.bench.memory import saved_tensor_bytes
+
+    model = randomize_all_bn(FunctionalReLUNet(relu))
+    ref = copy.deepcopy(model)
+    convbn.convert(model, "train", fission=True)
+    rows = convbn.report(model).rows
+    assert all("after it fused" in r.reason for r in rows), rows
+    _compare_training(model.train(), ref.train(), [torch.randn(2, 3, 8, 8), torch.randn(3, 3, 8, 8)],
+                      zero_grad=("c1.bias", "c2.bias"))
+    # the user's relu call is a pass-through: it saves nothing more than fission with an nn.ReLU module does
+    modular = convbn.convert(nn.Sequential(copy.deepcopy(ref.c1), copy.deepcopy(ref.b1), nn.ReLU(),
+                                           copy.deepcopy(ref.c2), copy.deepcopy(ref.b2), nn.ReLU()), "train",
+                             fission=True)
+    x = torch.randn(2, 3, 8, 8)
+    assert saved_tensor_bytes(lambda: model.train()(x)) == saved_tensor_bytes(lambda: modular.train()(x))
+
+
+def test_fission_functional_relu_not_fused_when_the_norm_output_has_another_use():
+    class TwoUses(FunctionalReLUNet):
+        def forward(self, x):
+            z = self.b1(self.c1(x))
+            return F.relu(self.b2(self.c2(F.relu(z) + z.mean())))
+
+    model = randomize_all_bn(TwoUses("F.relu"))
+    ref = copy.deepcopy(model)
+    convbn.convert(model, "train", fission=True)
+    rows = convbn.report(model).rows
+    assert "fused" not in rows[0].reason and "after it fused" in rows[1].reason
+    _compare_training(model.train(), ref.train(), [torch.randn(2, 3, 8, 8)], zero_grad=("c1.bias", "c2.bias"))

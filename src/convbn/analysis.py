@@ -83,6 +83,8 @@ class Candidate:
     relu_name: Optional[str] = None  # an nn.ReLU module that is the norm output's only user (fusable)
     relu: Optional[nn.Module] = None
     inner_relu: Optional[nn.Module] = None  # the norm's own activation (timm act), if a fusable nn.ReLU
+    functional_relu: Optional[str] = None  # F.relu / torch.relu / relu_ applied to the norm output (its only user)
+    dynamic_relu_ok: bool = True  # a dynamic trace saw nothing but one ReLU use the norm output
     proven_by: str = "torch.fx"  # or "dynamic trace": only a run on example_inputs saw this block
 
     @property
@@ -281,6 +283,7 @@ class _Trace:
     other_users: Dict[str, List[str]]  # conv name -> users other than its norm
     relu_of: Dict[str, Optional[str]]  # norm name -> the nn.ReLU module that is its only user, or None
     volatile: Set[str] = field(default_factory=set)
+    functional_relu_of: Dict[str, str] = field(default_factory=dict)  # norm -> "F.relu"-like call, its only user
 
 
 def _trace_module(root: nn.Module, prefix: str, modules: Dict[str, nn.Module], training: bool) -> _Trace:
@@ -321,8 +324,29 @@ def _trace_module(root: nn.Module, prefix: str, modules: Dict[str, nn.Module], t
         relu = None
         if len(users) == 1 and not stash_users.get(node) and users[0] in full:
             relu = full[users[0]]
+        elif len(users) == 1 and not stash_users.get(node) and _is_functional_relu(users[0], node):
+            t.functional_relu_of[name] = _describe_relu(users[0])
         t.relu_of[name] = relu
     return t
+
+
+_RELU_FUNCTIONS = (torch.nn.functional.relu, torch.relu, torch.relu_, torch.nn.functional.relu_)
+RELU_FUNCTIONS = _RELU_FUNCTIONS
+
+
+def _is_functional_relu(user: torch.fx.Node, node: torch.fx.Node) -> bool:
+    """``F.relu(bn_out)`` / ``torch.relu`` / ``relu_`` / ``bn_out.relu()`` with the norm output as its only tensor."""
+    if user.op == "call_function" and user.target in _RELU_FUNCTIONS:
+        return user.args[:1] == (node,) and all(not isinstance(a, torch.fx.Node) for a in user.args[1:]) \
+            and all(not isinstance(v, torch.fx.Node) for v in user.kwargs.values())
+    return user.op == "call_method" and user.target in ("relu", "relu_") and user.args == (node,)
+
+
+def _describe_relu(user: torch.fx.Node) -> str:
+    if user.op == "call_method":
+        return f".{user.target}()"
+    return {torch.nn.functional.relu: "F.relu", torch.relu: "torch.relu", torch.relu_: "torch.relu_",
+            torch.nn.functional.relu_: "F.relu_"}[user.target]
 
 
 def _fx_traces(model: nn.Module, modules: Dict[str, nn.Module]) -> Tuple[List[_Trace], List[str], List[str]]:
@@ -396,6 +420,10 @@ def _fx_analysis(model: nn.Module) -> Analysis:
             relu = relus.pop()
             if relu is not None and calls.get(relu, 0) == 1 and calls.get(name, 0) == 1:
                 _set_relu(cand, relu, modules[relu])
+        functional = {t.functional_relu_of.get(name) for t in seen}
+        if len(functional) == 1 and None not in functional and cand.relu is None and calls.get(name, 0) == 1 \
+                and not tuple(cand.norm.after(m)):
+            cand.functional_relu = functional.pop()
         cand.inner_relu = fusable_relu(m, cand.norm) if calls.get(name, 0) == 1 else None
         sources = {c for t in seen for c in t.norm_input[name]}
         if None in sources:
@@ -614,6 +642,12 @@ def _dynamic_analysis(model: nn.Module, example_inputs: Any) -> Analysis:
             cand.reason = (f"`{name}` was not called when the model ran on example_inputs, so its input is unknown")
             continue
         norm_calls = max(r.calls.get(name, 0) for r in runs)
+        relus = {r.relu_of.get(name) for r in seen}
+        norm_other = [u for r in runs for u in r.norm_other.get(name, [])]
+        module_relu = len(relus) == 1 and None not in relus and not norm_other
+        functional = relus == {None} and all(u in ("relu", "relu_") for u in norm_other) and \
+            len(norm_other) <= len(runs)
+        cand.dynamic_relu_ok = norm_calls == 1 and (module_relu or functional)
         # no nn.ReLU is fused on a dynamic trace's word alone: a branch it did not take could read the norm output
         cand.inner_relu = fusable_relu(m, cand.norm) if norm_calls == 1 else None
         sources = {c for r in seen for c in r.norm_input[name]}
@@ -683,6 +717,8 @@ def analyze(model: nn.Module, example_inputs: Any = None) -> Analysis:
             cand.reason = d.reason
         if d.relu is None:
             cand.relu, cand.relu_name = None, None
+        if not d.dynamic_relu_ok:  # the run saw the norm output used otherwise (returned, kept, a second op)
+            cand.relu, cand.relu_name, cand.functional_relu = None, None, None
         merged.append(cand)
     fx.candidates = merged
     fx.method = "torch.fx + dynamic trace"

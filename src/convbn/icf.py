@@ -39,6 +39,7 @@ from torch.overrides import TorchFunctionMode
 __all__ = ["StatsCache", "ConcatRecorder"]
 
 _CATS = {torch.cat, torch.concat, torch.concatenate}
+_RELUS = {torch.nn.functional.relu, torch.nn.functional.relu_, torch.relu, torch.relu_, Tensor.relu, Tensor.relu_}
 
 
 _DATA = torch.Tensor.data  # the ``.data`` descriptor: its __get__/__set__ reach the recorder
@@ -69,8 +70,15 @@ class StatsCache:
         self.escaped: Set[int] = set()  # storages whose memory was handed out untracked during this forward
         self.swept_channels = 0  # channels measured by a statistics sweep (for tests/benchmarks)
         self.reused_channels = 0  # channels whose statistics came from the cache
+        self.recording = False  # a ConcatRecorder is active (the root module's forward is running, eagerly)
+        self.awaiting: Dict[int, object] = {}  # id(fission output, ReLU already applied) -> its block
+
+    def await_relu(self, out: Tensor, block) -> None:
+        """``out`` already holds relu(bn(x)); the user's ``F.relu(out)`` passes it through (see ConcatRecorder)."""
+        self.awaiting[id(out)] = block
 
     def clear(self) -> None:
+        self.awaiting.clear()
         self.stats.clear()
         self.cats.clear()
         self.produced.clear()
@@ -173,6 +181,10 @@ class ConcatRecorder(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func in _RELUS and args and self.cache.awaiting:
+            block = self.cache.awaiting.pop(id(args[0]), None)
+            if block is not None and block._pending is args[0] and block.take(args[0], block.functional_relu):
+                return args[0]  # fission already applied this ReLU: the call is a pass-through
         out = func(*args, **kwargs)
         if torch.is_inference_mode_enabled():
             return out
@@ -208,11 +220,13 @@ class RootHooks:
         recorder = ConcatRecorder(self.cache)
         recorder.__enter__()
         self.active.append(recorder)
+        self.cache.recording = True
         return None
 
     def post(self, module, args, output):
         if self.active:
             self.active.pop().__exit__(None, None, None)
+        self.cache.recording = bool(self.active)
         self.cache.clear()
         return None
 

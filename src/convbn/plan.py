@@ -163,8 +163,10 @@ def _train_variant_row(cand: Candidate, variant: str) -> Tuple[str, str, str]:
             return "train", "fallback", f"{_unproven_reason(cand)} -> runs plain train"
         if _linear_rank_reason(cand):
             return "train", "fallback", f"{_linear_rank_reason(cand)} -> runs plain train"
+    functional = cand.functional_relu if variant == "train-fission" else None
     note = (f"ReLU `{cand.relu_name}` fused" if cand.relu is not None
-            else "its own ReLU fused" if cand.inner_relu is not None else "")
+            else "its own ReLU fused" if cand.inner_relu is not None
+            else f"{functional} after it fused" if functional else "")
     return variant, "converted", note
 
 

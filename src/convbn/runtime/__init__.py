@@ -32,8 +32,8 @@ TRAIN_VARIANTS = ("train-recompute", "train-fission")
 def make_block(cand: Candidate, mode: str, stats_cache=None) -> Block:
     """The block object for one plan row (``mode`` one of :data:`INSTALLED_MODES`)."""
     fuse_relu = mode in TRAIN_VARIANTS and (cand.relu is not None or cand.inner_relu is not None)
-    if mode == "train-fission":
-        return FissionBlock(cand, fuse_relu, stats_cache)
+    if mode == "train-fission":  # only fission intercepts a functional ReLU (in ICF's TorchFunctionMode)
+        return FissionBlock(cand, fuse_relu or cand.functional_relu is not None, stats_cache)
     return BLOCKS[mode](cand, fuse_relu)
 
 

@@ -49,6 +49,9 @@ class Block:
         # a fused ReLU: an nn.ReLU module after the norm (gets a pass-through forward), or the norm's own act
         self.relu, self.relu_name = (cand.relu, cand.relu_name) if fuse_relu else (None, None)
         self.inner_relu = cand.inner_relu if fuse_relu else None
+        # F.relu / torch.relu / relu_ on the norm output, intercepted by ICF's recorder (train-fission only)
+        self.functional_relu = cand.functional_relu if fuse_relu and self.relu is None and self.inner_relu is None \
+            else None
         self.fallback_reason: Optional[str] = None  # set when a call had to run unfused (never silent)
         # The tensor the previous stage of the block just produced, until the next stage takes it. A
         # plain reference (not a weakref) so torch.compile traces the identity check too.
@@ -62,7 +65,7 @@ class Block:
 
     @property
     def fuses_relu(self) -> bool:
-        return self.relu is not None or self.inner_relu is not None
+        return self.relu is not None or self.inner_relu is not None or self.functional_relu is not None
 
     # pickling / deepcopy: the output in flight is transient state, never serialized
     def __getstate__(self) -> dict:
@@ -151,10 +154,11 @@ class Block:
         """Compute the ReLU in the norm's kernel this call? Not while a hook observes the pre-ReLU tensor."""
         if not self.fuses_relu or _global_hooks() or _hooked(self.bn, forward=True, backward=True):
             return False
-        if self.relu is not None and (self._owner_depth == 0 or self._stale is not None):
+        if (self.relu is not None or self.functional_relu is not None) and (
+                self._owner_depth == 0 or self._stale is not None):
             return False
         relu = self.relu if self.relu is not None else self.inner_relu
-        return not _hooked(relu, pre=True, forward=True, backward=True)
+        return relu is None or not _hooked(relu, pre=True, forward=True, backward=True)
 
     # ------------------------------------------------------------------ forwards (subclasses override)
     def conv_forward(self, input: Tensor, output_size: Optional[List[int]] = None) -> Tensor:

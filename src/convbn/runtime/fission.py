@@ -32,11 +32,15 @@ class FissionBlock(Block):
                 self.hand_over(out, fused=False, stage=self.bn_name)
             return out
         direct = self.stats_cache is not None and type(input) is Tensor and not is_compiling()
-        self._relu_now = self.relu_fusable()
+        self._relu_now = self.relu_fusable() and (self.functional_relu is None or (
+            self.stats_cache is not None and self.stats_cache.recording and not is_compiling()))
         with torch._C.DisableTorchFunction() if direct else contextlib.nullcontext():
             out = self.after(self.fission(input))
         if self.relu is not None:
             self.hand_over(out, fused=self._relu_now, stage=self.bn_name)
+        elif self.functional_relu is not None and self._relu_now:
+            self.hand_over(out, fused=True, stage=self.bn_name)
+            self.stats_cache.await_relu(out, self)  # the recorder passes it through the user's relu call
         return out
 
     def fission(self, input: Tensor) -> Tensor:

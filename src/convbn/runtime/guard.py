@@ -112,6 +112,9 @@ def install_guards(model: nn.Module, blocks: List[Block], volatile: Set[str] = f
     by_owner: Dict[str, List[Block]] = {}
     for b in blocks:
         stages = [n for n in (b.conv_name if "conv" in b.roles else None, b.bn_name, b.relu_name) if n is not None]
+        if getattr(b, "functional_relu", None) is not None:  # the relu call may be anywhere up to the root
+            by_owner.setdefault("", []).append(b)
+            continue
         if len(stages) < 2:
             continue
         by_owner.setdefault(_owner_name(stages), []).append(b)
