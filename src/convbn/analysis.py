@@ -331,7 +331,6 @@ def _trace_module(root: nn.Module, prefix: str, modules: Dict[str, nn.Module], t
 
 
 _RELU_FUNCTIONS = (torch.nn.functional.relu, torch.relu, torch.relu_, torch.nn.functional.relu_)
-RELU_FUNCTIONS = _RELU_FUNCTIONS
 
 
 def _is_functional_relu(user: torch.fx.Node, node: torch.fx.Node) -> bool:

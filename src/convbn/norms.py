@@ -52,7 +52,7 @@ from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 from .errors import ConvBNError
 
 __all__ = ["NormParams", "NormType", "register_norm", "unregister_norm", "norm_type", "is_norm_layer", "norm_kind",
-           "uses_batch_stats", "normalize_with_running_stats"]
+           "uses_batch_stats"]
 
 
 @dataclass(frozen=True)
@@ -295,14 +295,6 @@ def uses_batch_stats(module: nn.Module, entry: NormType) -> bool:
     if entry.frozen:
         return False
     return module.training or (module.running_mean is None and module.running_var is None)
-
-
-def normalize_with_running_stats(module: nn.Module, entry: NormType, input: Tensor) -> Tensor:
-    """The eval-mode normalization of ``module`` (affine included), before what ``entry.after`` applies."""
-    if isinstance(module, _BatchNorm):
-        module._check_input_dim(input)
-    p = entry.read(module)
-    return F.batch_norm(input, p.running_mean, p.running_var, p.weight, p.bias, False, 0.0, p.eps)
 
 
 def apply_after(module: nn.Module, entry: NormType, x: Tensor, skip: Optional[nn.Module] = None) -> Tensor:
