@@ -12,7 +12,6 @@ counts (``convbn.bench.memory.saved_tensor_bytes``), deterministic.
 from __future__ import annotations
 
 import copy
-import statistics
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -24,6 +23,7 @@ from convbn.bench.memory import saved_tensor_bytes
 from .common import Progress, input_shape, make_input, resolve_model
 from convbn.bench.compare import format_table
 from convbn.bench.stats import bn_scales, calibrate_if_untouched
+from convbn.cli.inspect_cmd import scale_summary  # one copy: the library's
 
 __all__ = ["inspect_model", "appendix_m_blocks", "appendix_m_table", "scale_summary"]
 
@@ -123,21 +123,6 @@ def appendix_m_table(res: Dict[str, Any], limit: Optional[int] = None) -> str:
     if limit is not None and len(res["blocks"]) > limit:
         text += f"\n... {len(res['blocks']) - limit} more blocks in the JSON"
     return text
-
-
-def scale_summary(values: List[float]) -> Dict[str, float]:
-    """Quantiles of |gamma|/sqrt(var+eps) and the shares below 0.1 / 1 and above 10."""
-    a = sorted(abs(v) for v in values)
-    if not a:
-        return {}
-    n = len(a)
-
-    def q(p: float) -> float:
-        return a[min(int(p * (n - 1) + 0.5), n - 1)]
-
-    return {"channels": n, "min": a[0], "p10": q(0.1), "median": statistics.median(a), "p90": q(0.9),
-            "max": a[-1], "share_below_0.1": sum(v < 0.1 for v in a) / n, "share_below_1": sum(v < 1 for v in a) / n,
-            "share_above_10": sum(v > 10 for v in a) / n}
 
 
 def inspect_model(spec: str, *, batch_size: int = 2, input_size: Optional[int] = None,
