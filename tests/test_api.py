@@ -638,6 +638,21 @@ def test_report_on_a_plain_model_is_a_dry_run():
     assert "_convbn_state" not in model.__dict__
 
 
+def test_report_previews_a_train_variant_and_names_it_as_convert_does():
+    model = small_resnet()
+    preview = convbn.report(model, "train", recompute=True)
+    assert preview.requested_mode == "train+recompute" and not preview.applied
+    convbn.convert(model, "train", recompute=True)
+    applied = convbn.report(model)
+    assert applied.requested_mode == "train+recompute" and [r.mode for r in applied] == [r.mode for r in preview]
+    assert convbn.report(model, "train", recompute=True).rows == applied.rows
+    for mode, options in (("train", {}), ("train", {"fission": True}), ("tune", {})):
+        with pytest.raises(ConvBNError, match="converted to 'train\\+recompute'"):
+            convbn.report(model, mode, **options)
+    with pytest.raises(ConvBNError, match="cannot be combined"):
+        convbn.report(small_resnet(), "train", recompute=True, fission=True)
+
+
 # --------------------------------------------------------------------------- memory (deterministic)
 def test_tune_saves_what_deploy_saves_and_about_half_of_eval():
     model = small_resnet()

@@ -363,7 +363,7 @@ def test_row20_integer_input_is_an_error_in_every_mode_like_plain_pytorch(mode, 
         model.eval()(x)
 
 
-@pytest.mark.parametrize("mode", ["tune", "train-recompute", "train-fission"])
+@pytest.mark.parametrize("mode", ["tune", "train+recompute", "train+fission"])
 def test_row21_hooks_that_replace_or_modify_tensors_are_honoured(mode):
     """A hook observing a tensor inside a block makes that block run unfused while it is registered."""
     hooks = [("conv2", "forward", lambda m, i, o: o.clamp(min=0)), ("bn2", "pre", lambda m, i: i[0].mul_(0.5)),
@@ -374,7 +374,7 @@ def test_row21_hooks_that_replace_or_modify_tensors_are_honoured(mode):
             ref = eval_reference(ref)  # BNs frozen, the rest in train()
             convbn.convert(model, "tune")
         else:
-            convbn.convert(model, "train", **{mode.split("-")[1]: True})
+            convbn.convert(model, "train", **{mode.split("+")[1]: True})
         for m in (model, ref):
             target = getattr(m, name)
             (target.register_forward_hook if kind == "forward" else target.register_forward_pre_hook)(hook)

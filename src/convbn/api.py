@@ -219,13 +219,13 @@ def _train_variant(mode: str, recompute: Any, fission: Any) -> Optional[str]:
         raise ConvBNError("recompute=True and fission=True cannot be combined: recompute already computes the BN "
                           "(and ReLU) inside the conv's Function, so there is no separate BN left to fission. "
                           "Pick one: recompute for memory, fission for BN speed")
-    return "train-recompute" if recompute else "train-fission" if fission else None
+    return "train+recompute" if recompute else "train+fission" if fission else None
 
 
 def _apply(model: nn.Module, plan, mode: str, deployed: List[BlockReport], volatile=frozenset()) -> None:
     """Install the plan; on any failure restore every instance forward and root hook as it was."""
     before = {id(m): (m, m.__dict__.get("forward")) for m in model.modules() if installed_block(m) is not None}
-    cache = icf.StatsCache() if any(row.mode == "train-fission" for _, row in plan) else None
+    cache = icf.StatsCache() if any(row.mode == "train+fission" for _, row in plan) else None
     before_guards = [(m, dict(m._forward_pre_hooks), dict(m._forward_hooks),
                       dict(getattr(m, "_forward_hooks_always_called", {}))) for m in model.modules()]
     folds, blocks = [], []
@@ -289,12 +289,14 @@ def revert(model: nn.Module) -> nn.Module:
 
 
 def report(model: nn.Module, mode: Optional[str] = None, *, example_inputs: Any = None,
-           filter_fn: Optional[Callable[[nn.Module, str], bool]] = None) -> Report:
+           filter_fn: Optional[Callable[[nn.Module, str], bool]] = None, recompute: bool = False,
+           fission: bool = False) -> Report:
     """The plan of ``model``'s conversion: one row per norm layer with its layer, mode, status, reason.
 
     For a converted model this is the plan :func:`convert` applied (pass no ``mode``, or the applied
     one). For a plain model it is what ``convert(model, mode or "tune", ...)`` *would* do, and nothing
-    changes (a forward that updates buffers or attributes is undone).
+    changes (a forward that updates buffers or attributes is undone). The arguments are
+    :func:`convert`'s; ``report(model, "train", recompute=True)`` previews mode ``"train+recompute"``.
 
     Raises:
         ConvBNError: ``mode`` differs from the mode ``model`` is converted to (the report of a converted
@@ -310,16 +312,20 @@ def report(model: nn.Module, mode: Optional[str] = None, *, example_inputs: Any 
     state = _state(model)
     if state is not None:
         applied = state.report.requested_mode
-        if mode is not None and _check_mode(mode) != applied.split("-")[0]:
+        if mode is not None:
+            checked = _check_mode(mode)
+            asked = _train_variant(checked, recompute, fission) or checked
+        if mode is not None and asked != applied:
             raise ConvBNError(
                 f"report(model, {mode!r}): this model is converted to {applied!r}, and its report is the plan that was "
                 f"applied. Call convbn.report(model) for it, or preview {mode!r} on an unconverted copy: "
                 f"convbn.report(convbn.revert(copy.deepcopy(model)), {mode!r})")
         return _live(model, state.report)
     mode = _check_mode(mode if mode is not None else "tune")
+    variant = _train_variant(mode, recompute, fission)
     analysis = analyze(model, example_inputs)
-    plan = make_plan(analysis, mode, filter_fn)
-    return Report([r for _, r in plan], mode, analysis.method, False, analysis.notes)
+    plan = make_plan(analysis, mode, filter_fn, variant)
+    return Report([r for _, r in plan], variant or mode, analysis.method, False, analysis.notes)
 
 
 def deploy(model: nn.Module, *, example_inputs: Any = None,

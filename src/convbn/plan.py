@@ -15,7 +15,7 @@ from .norms import check_params
 __all__ = ["MODES", "TRAIN_VARIANTS", "BlockReport", "Report", "make_plan"]
 
 MODES = ("train", "eval", "tune", "deploy")
-TRAIN_VARIANTS = ("train-recompute", "train-fission")
+TRAIN_VARIANTS = ("train+recompute", "train+fission")
 _RUNNING_STAT_MODES = ("eval", "tune", "deploy")
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -148,12 +148,12 @@ def _linear_rank_reason(cand: Candidate) -> Optional[str]:
 
 
 def _train_variant_row(cand: Candidate, variant: str) -> Tuple[str, str, str]:
-    """(run mode, status, reason) of a block in ``train-recompute`` / ``train-fission``."""
+    """(run mode, status, reason) of a block in ``train+recompute`` / ``train+fission``."""
     bn_name = cand.bn_name
     if isinstance(cand.bn, nn.SyncBatchNorm):
         return "train", "fallback", (f"`{bn_name}` is a SyncBatchNorm: its training statistics are all-reduced across "
                                      f"processes, which {variant} does not do -> runs plain train")
-    if variant == "train-recompute":
+    if variant == "train+recompute":
         if cand.conv is None:
             return "train", "fallback", (f"`{bn_name}` does not follow a Conv/Linear, so there is no layer output to "
                                          f"recompute -> runs plain train")
@@ -163,7 +163,7 @@ def _train_variant_row(cand: Candidate, variant: str) -> Tuple[str, str, str]:
             return "train", "fallback", f"{_unproven_reason(cand)} -> runs plain train"
         if _linear_rank_reason(cand):
             return "train", "fallback", f"{_linear_rank_reason(cand)} -> runs plain train"
-    functional = cand.functional_relu if variant == "train-fission" else None
+    functional = cand.functional_relu if variant == "train+fission" else None
     note = (f"ReLU `{cand.relu_name}` fused" if cand.relu is not None
             else "its own ReLU fused" if cand.inner_relu is not None
             else f"{functional} after it fused" if functional else "")
@@ -177,7 +177,7 @@ def make_plan(analysis: Analysis, mode: str, filter_fn: Optional[FilterFn],
     Requested ``eval``/``tune``/``deploy``: a block that cannot be folded but whose BN has sound
     running statistics runs in ``eval`` (status ``fallback``), so the whole model computes the same
     function as ``convert(model, "eval")`` -- frozen statistics everywhere, never a silent mix.
-    Requested ``train`` with ``train_variant`` (``"train-recompute"`` / ``"train-fission"``): blocks
+    Requested ``train`` with ``train_variant`` (``"train+recompute"`` / ``"train+fission"``): blocks
     the variant cannot run stay plain ``train`` (``fallback``), which is the same function.
     """
     plan: List[Tuple[Candidate, BlockReport]] = []

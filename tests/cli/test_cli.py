@@ -84,6 +84,18 @@ def test_mode_variants_follow_the_convert_signature():
                                                      "deploy"]
 
 
+def test_cli_mode_names_are_the_report_mode_names():
+    """A mode the CLI names (``--modes train+recompute``) is the mode the report of that conversion shows."""
+    from cli_nets import tiny_net
+
+    for variant in mode_variants()[0]:
+        if variant.mode == "deploy":
+            continue  # deploy's report rows say "deploy" too, but deploy replaces modules: checked in test_api
+        model = tiny_net()
+        rows = convbn.report(model.train(variant.is_train), variant.mode, **variant.options).rows
+        assert rows and {r.mode for r in rows if r.status == "converted"} == {variant.name}, variant.name
+
+
 def test_bad_spec_mode_and_user_model_without_shape(tmp_path, capsys):
     assert main(["bench", "resnet50", "--quiet"]) == 1
     assert "not PREFIX:NAME" in capsys.readouterr().err

@@ -32,8 +32,8 @@ import convbn
 
 from .generators import ModelSpec, build, generate, make_inputs
 
-MODES = ("train", "train-recompute", "train-fission", "eval", "tune", "deploy")
-SEMANTICS = {"train": "train", "train-recompute": "train", "train-fission": "train", "eval": "frozen",
+MODES = ("train", "train+recompute", "train+fission", "eval", "tune", "deploy")
+SEMANTICS = {"train": "train", "train+recompute": "train", "train+fission": "train", "eval": "frozen",
              "tune": "frozen", "deploy": "deploy"}
 STEPS = 3
 LR = 1e-3
@@ -41,7 +41,7 @@ RTOL = 1e-7  # float64, relative to each tensor's largest value
 FLOOR = 1e-6  # ... floored at this fraction of the step's largest output (analytic zeros)
 # Gradients that are zero in exact arithmetic (a conv bias before a batch-statistics BN) come out as
 # cancellation round-off up to ~2e-13 of the step's largest gradient after a few SGD steps (seen:
-# seed 312, train-fission): their floor is 1e-4 of it, i.e. an absolute tolerance of 1e-11 x that.
+# seed 312, train+fission): their floor is 1e-4 of it, i.e. an absolute tolerance of 1e-11 x that.
 GRAD_FLOOR = 1e-4
 
 
@@ -281,9 +281,9 @@ def case_options(seed: int, mode: str) -> Dict[str, Any]:
 
 
 def _convert_args(mode: str) -> Tuple[str, Dict[str, bool]]:
-    if mode == "train-recompute":
+    if mode == "train+recompute":
         return "train", {"recompute": True}
-    if mode == "train-fission":
+    if mode == "train+fission":
         return "train", {"fission": True}
     return mode, {}
 

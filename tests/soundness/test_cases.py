@@ -35,8 +35,8 @@ from .oracle import (
     step,
 )
 
-TRAIN_VARIANTS = ("train-recompute", "train-fission")
-RUN_MODES = ("train-recompute", "train-fission", "eval", "tune")  # modes that install forwards
+TRAIN_VARIANTS = ("train+recompute", "train+fission")
+RUN_MODES = ("train+recompute", "train+fission", "eval", "tune")  # modes that install forwards
 
 
 def _prepare(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -159,7 +159,7 @@ class DeepSupervision(nn.Module):
         return out
 
 
-@pytest.mark.parametrize("mode", ("train-recompute", "train-fission", "eval", "tune"))
+@pytest.mark.parametrize("mode", ("train+recompute", "train+fission", "eval", "tune"))
 @pytest.mark.parametrize("example", (False, True))
 def test_item01_aux_head_bn_converted_in_eval_then_trained(mode, example):
     m = _prepare(AuxHeadBN())
@@ -172,7 +172,7 @@ def test_item01_aux_head_bn_converted_in_eval_then_trained(mode, example):
         assert listed == {"bn1", "bn2", "aux_bn"}, f"the report must account for every BN, lists {sorted(listed)}"
 
 
-@pytest.mark.parametrize("mode", ("train-recompute", "train-fission", "eval", "tune"))
+@pytest.mark.parametrize("mode", ("train+recompute", "train+fission", "eval", "tune"))
 @pytest.mark.parametrize("convert_in_train", (False, True))
 def test_item01_second_consumer_only_in_train(mode, convert_in_train):
     m = _prepare(DeepSupervision())

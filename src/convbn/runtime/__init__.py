@@ -5,8 +5,8 @@ mode                class                                   instance forwards
 ==================  =====================================  ==========================================
 ``eval``            :class:`~convbn.runtime.eval.EvalBlock`           norm
 ``tune``            :class:`~convbn.runtime.tune.TuneBlock`           conv (block output), norm (takes it)
-``train-recompute`` :class:`~convbn.runtime.recompute.RecomputeBlock` conv, norm, fused ``nn.ReLU``
-``train-fission``   :class:`~convbn.runtime.fission.FissionBlock`     norm, fused ``nn.ReLU``
+``train+recompute`` :class:`~convbn.runtime.recompute.RecomputeBlock` conv, norm, fused ``nn.ReLU``
+``train+fission``   :class:`~convbn.runtime.fission.FissionBlock`     norm, fused ``nn.ReLU``
 ``deploy``          :mod:`convbn.runtime.deploy` (folds parameters; nothing installed)
 ==================  =====================================  ==========================================
 """
@@ -26,13 +26,13 @@ __all__ = ["BLOCKS", "INSTALLED_MODES", "Block", "make_block", "install", "unins
 
 BLOCKS: Dict[str, Type[Block]] = {cls.mode: cls for cls in (EvalBlock, TuneBlock, RecomputeBlock, FissionBlock)}
 INSTALLED_MODES = tuple(BLOCKS)
-TRAIN_VARIANTS = ("train-recompute", "train-fission")
+TRAIN_VARIANTS = ("train+recompute", "train+fission")
 
 
 def make_block(cand: Candidate, mode: str, stats_cache=None) -> Block:
     """The block object for one plan row (``mode`` one of :data:`INSTALLED_MODES`)."""
     fuse_relu = mode in TRAIN_VARIANTS and (cand.relu is not None or cand.inner_relu is not None)
-    if mode == "train-fission":  # only fission intercepts a functional ReLU (in ICF's TorchFunctionMode)
+    if mode == "train+fission":  # only fission intercepts a functional ReLU (in ICF's TorchFunctionMode)
         return FissionBlock(cand, fuse_relu or cand.functional_relu is not None, stats_cache)
     return BLOCKS[mode](cand, fuse_relu)
 

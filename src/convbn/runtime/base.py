@@ -5,7 +5,7 @@ convbn never swaps a module, a class or a parameter in train/eval/tune. It sets 
 attribute up first), so hooks, ``state_dict``, parameter names and objects, ``deepcopy``, pickling
 and ``.to()`` keep working, and ``revert`` deletes the attribute.
 
-When a block computes two modules' work in one call (tune and train-recompute fold the norm into the
+When a block computes two modules' work in one call (tune and train+recompute fold the norm into the
 conv; a fused ReLU), the first module's forward returns the block output and the next module checks
 that what it receives is the very tensor just produced; if a hook or unseen control flow broke that
 data flow it raises instead of being silently wrong (:meth:`Block.take`). A block output that no
@@ -49,7 +49,7 @@ class Block:
         # a fused ReLU: an nn.ReLU module after the norm (gets a pass-through forward), or the norm's own act
         self.relu, self.relu_name = (cand.relu, cand.relu_name) if fuse_relu else (None, None)
         self.inner_relu = cand.inner_relu if fuse_relu else None
-        # F.relu / torch.relu / relu_ on the norm output, intercepted by ICF's recorder (train-fission only)
+        # F.relu / torch.relu / relu_ on the norm output, intercepted by ICF's recorder (train+fission only)
         self.functional_relu = cand.functional_relu if fuse_relu and self.relu is None and self.inner_relu is None \
             else None
         self.fallback_reason: Optional[str] = None  # set when a call had to run unfused (never silent)

@@ -15,7 +15,7 @@ from .base import Block, is_compiling, momentum_of
 class FissionBlock(Block):
     """Only the norm (and a fused ``nn.ReLU``) get instance forwards; the conv stays stock."""
 
-    mode = "train-fission"
+    mode = "train+fission"
     roles = ("bn",)
 
     def __init__(self, cand, fuse_relu: bool = False, stats_cache=None):

@@ -16,7 +16,7 @@ class RecomputeBlock(TuneBlock):
     """Like tune, the conv computes the block (and a fused ReLU); with batch statistics it is
     :class:`RecomputeConvBNFunction`, with running ones (norm in eval(), frozen norms) tune's Function."""
 
-    mode = "train-recompute"
+    mode = "train+recompute"
     roles = ("conv", "bn")
 
     def conv_forward(self, input: Tensor, output_size: Optional[List[int]] = None) -> Tensor:
