@@ -367,11 +367,11 @@ def test_bad_arguments_raise_clear_errors_and_leave_the_model_unchanged(bad, exc
     assert convbn.report(model).requested_mode == "eval"
 
 
-def test_not_a_module_and_torchscript_are_type_errors():
+def test_not_a_module_is_a_type_error_and_a_torchscript_wrapper_a_convbn_error():
     with pytest.raises(TypeError, match="expects a torch.nn.Module, got list"):
         convbn.convert([nn.Conv2d(1, 1, 1)], "tune")
     scripted = torch.jit.script(nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2)))
-    with pytest.raises(TypeError, match="TorchScript"):
+    with pytest.raises(ConvBNError, match="TorchScript"):
         convbn.convert(scripted, "tune")
 
 

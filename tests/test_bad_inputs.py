@@ -100,7 +100,7 @@ def test_row02_not_a_module(fn):
 
 
 def test_row03_torchscript_module():
-    with pytest.raises(TypeError, match="TorchScript"):
+    with pytest.raises(ConvBNError, match="TorchScript"):
         convbn.convert(torch.jit.script(nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2))), "tune")
 
 

@@ -40,9 +40,9 @@ def _check_model(model: Any, fn: str) -> None:
             f"the wrapped model itself: convbn.{fn}(wrapper.module, ...)"
             + (" (DataParallel is not supported: its replicas would share convbn's per-module state; use "
                "DistributedDataParallel)" if isinstance(model, nn.DataParallel) else ""))
-    if isinstance(model, torch.jit.ScriptModule):
-        raise TypeError(f"convbn.{fn} cannot change a TorchScript module; convert the eager model before "
-                        f"torch.jit.script / torch.jit.trace")
+    if isinstance(model, torch.jit.ScriptModule):  # a wrapper too: its Python modules are gone
+        raise ConvBNError(f"convbn.{fn} cannot change a TorchScript module ({type(model).__name__}); convert the "
+                          f"eager model before torch.jit.script / torch.jit.trace")
 
 
 def _check_mode(mode: Any) -> str:
@@ -119,7 +119,8 @@ def convert(
 
     Raises:
         ConvBNError: unknown mode, untraceable model without ``example_inputs``, example inputs that
-            do not run, ``filter_fn`` raising, or switching a deployed block. The model is unchanged.
+            do not run, ``filter_fn`` raising, switching a deployed block, or a wrapper (DDP,
+            DataParallel, TorchScript) instead of the model it wraps. The model is unchanged.
         TypeError: ``model`` is not an ``nn.Module``, or ``filter_fn`` is not callable / returns a
             non-bool.
 
