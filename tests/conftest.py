@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import math
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import pytest
 import torch
@@ -45,6 +46,34 @@ def randomize_all_bn(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 
+# Norm layers by class name, independently of convbn's registry (a test must not ask the library what it tests).
+NORM_CLASS_NAMES = frozenset({"FrozenBatchNorm2d", "BatchNormAct2d", "FrozenBatchNormAct2d", "SyncBatchNormAct"})
+
+
+def is_norm(module: nn.Module) -> bool:
+    """A BatchNorm-like layer: torch's BatchNorm*/SyncBatchNorm, torchvision's/timm's by class name."""
+    return isinstance(module, _BatchNorm) or any(c.__name__ in NORM_CLASS_NAMES for c in type(module).__mro__)
+
+
+def frozen_reference(model: nn.Module, training: Optional[bool] = None,
+                     norm: Callable[[nn.Module], bool] = is_norm) -> nn.Module:
+    """Plain PyTorch computing what eval / tune / deploy compute: a deep copy (reverted if it is converted)
+    with every norm layer's own ``training`` flag off -- running statistics -- and every other module in
+    its mode (or in ``training``, when given). Only the statistics freeze: what a norm module applies after
+    normalizing (timm's drop and act) follows the model's mode, as in convbn's eval."""
+    ref = copy.deepcopy(model)
+    if "_convbn_state" in ref.__dict__:
+        import convbn
+
+        convbn.revert(ref)
+    if training is not None:
+        ref.train(training)
+    for m in ref.modules():
+        if norm(m):
+            m.training = False
+    return ref
+
+
 def max_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |a - e| / max |e| (a scale-aware error for tensors whose values span orders of magnitude)."""
     denom = expected.detach().abs().max().clamp_min(1e-30)
@@ -56,6 +85,27 @@ def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rel: float, w
     assert torch.isfinite(expected).all(), f"{what}: reference is not finite"
     err = max_rel_err(actual, expected)
     assert err <= rel, f"{what}: max relative error {err:.3g} > {rel:.1g}"
+
+
+def assert_same_step(actual, expected, rel: float = 1e-10, floor: float = 1e-9) -> None:
+    """``(output, {name: gradient})`` pairs, per tensor, relative; a gradient that is zero in exact arithmetic
+    (a conv bias before a train-mode BN) -- its reference below ``floor`` times the step's largest gradient --
+    is compared against that noise floor instead."""
+    out, grads = actual
+    ref_out, ref_grads = expected
+    assert_close_rel(out, ref_out, rel, "output")
+    assert grads.keys() == ref_grads.keys()
+    scale = max(float(r.abs().max()) for r in ref_grads.values() if r is not None)
+    for name, g in grads.items():
+        r = ref_grads[name]
+        if r is None:
+            assert g is None or float(g.abs().max()) == 0.0, name
+            continue
+        err = float((g - r).abs().max())
+        if float(r.abs().max()) <= floor * scale:  # analytically zero: both must sit at the noise floor
+            assert err <= floor * scale, f"{name}: {err:.3g} above the noise floor {floor * scale:.3g}"
+        else:
+            assert_close_rel(g, r, rel, name)
 
 
 def grads_of(out: torch.Tensor, tensors: Iterable[torch.Tensor], grad_out: torch.Tensor):

@@ -12,7 +12,7 @@ from torch import nn
 import convbn
 from convbn import ConvBNError
 from convbn.bench.memory import saved_tensor_bytes
-from conftest import assert_close_rel, randomize_all_bn
+from conftest import assert_close_rel, frozen_reference, randomize_all_bn
 from layer_cases import block_params, make_block
 
 
@@ -60,21 +60,12 @@ def params_grads(model, x):
     return out, grads
 
 
-def plain_eval_reference(model):
-    """What eval/tune must compute: plain PyTorch, every BN in eval() (running statistics)."""
-    ref = copy.deepcopy(model)
-    for m in ref.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.eval()
-    return ref
-
-
 # --------------------------------------------------------------------------- semantics
 @pytest.mark.parametrize("kind,bias,affine,groups", block_params())
 def test_tune_equals_eval_for_every_layer_kind(kind, bias, affine, groups):
     layer, bn, x = make_block(kind, bias, affine, groups)
     model = nn.Sequential(layer, bn, nn.ReLU())
-    ref = plain_eval_reference(model)
+    ref = frozen_reference(model)
     convbn.convert(model, "tune")
     assert convbn.report(model).rows[0].status == "converted"
     model.train()  # tune uses running statistics even under train()
@@ -89,7 +80,7 @@ def test_tune_equals_eval_for_every_layer_kind(kind, bias, affine, groups):
 def test_deploy_equals_eval_for_every_layer_kind(kind, bias, affine, groups):
     layer, bn, x = make_block(kind, bias, affine, groups)
     model = nn.Sequential(layer, bn)
-    expected = plain_eval_reference(model)(x)
+    expected = frozen_reference(model)(x)
     convbn.convert(model, "deploy", example_inputs=x)
     assert isinstance(model[1], nn.Identity)
     assert_close_rel(model(x), expected, 2e-6, "deploy output")
@@ -98,7 +89,7 @@ def test_deploy_equals_eval_for_every_layer_kind(kind, bias, affine, groups):
 def test_eval_mode_is_sticky_under_train_and_freezes_statistics():
     model = small_resnet()
     before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
-    ref = plain_eval_reference(model)
+    ref = frozen_reference(model)
     convbn.convert(model, "eval").train()
     x = torch.randn(4, 3, 16, 16)
     out, grads = params_grads(model, x)
@@ -112,7 +103,7 @@ def test_eval_mode_is_sticky_under_train_and_freezes_statistics():
 
 def test_small_resnet_tune_equals_eval_and_one_optimizer_step_matches():
     model = small_resnet()
-    ref = plain_eval_reference(model)
+    ref = frozen_reference(model)
     convbn.convert(model, "tune").train()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
@@ -172,7 +163,7 @@ def test_forward_hooks_fire_and_see_what_they_see_in_plain_pytorch(mode):
     model.stem[0].register_forward_hook(lambda m, i, o: seen.__setitem__("conv", o.clone()))
     model.stem[1].register_forward_hook(lambda m, i, o: seen.__setitem__("bn", (i[0].clone(), o.clone())))
     x = torch.randn(2, 3, 16, 16)
-    ref = plain_eval_reference(model)
+    ref = frozen_reference(model)
     expected_conv = ref.stem[0](x)
     expected_block = ref.stem[1](expected_conv)
     expected = ref(x)
@@ -187,7 +178,7 @@ def test_forward_hooks_fire_and_see_what_they_see_in_plain_pytorch(mode):
 @pytest.mark.parametrize("hook", [lambda m, i, o: o * 2, lambda m, i, o: o.mul_(2)], ids=["replace", "in-place"])
 def test_a_hook_that_changes_the_conv_output_is_honoured(hook):
     model = small_resnet()
-    ref = plain_eval_reference(model)
+    ref = frozen_reference(model)
     ref.stem[0].register_forward_hook(hook)
     x = torch.randn(2, 3, 16, 16)
     convbn.convert(model, "tune")
@@ -197,7 +188,7 @@ def test_a_hook_that_changes_the_conv_output_is_honoured(hook):
 
 def test_a_norm_pre_hook_that_changes_its_input_in_place_is_honoured():
     model = small_resnet()
-    ref = plain_eval_reference(model)
+    ref = frozen_reference(model)
     x = torch.randn(2, 3, 16, 16)
     for m in (ref, model):
         if m is model:
@@ -243,13 +234,13 @@ def test_a_branch_no_trace_saw_raises_instead_of_a_wrong_answer(monkeypatch, swi
     with pytest.raises(ConvBNError, match=match):
         model(x)
     monkeypatch.setitem(SWITCHES, switch, False)
-    assert_close_rel(model(x), plain_eval_reference(model)(x), 1e-6)  # the failed forward leaves no stale state
+    assert_close_rel(model(x), frozen_reference(model)(x), 1e-6)  # the failed forward leaves no stale state
 
 
 def test_an_attribute_switched_after_conversion_runs_the_block_unfused():
     model = _converted_sometimes_skips()
     x = torch.randn(2, 3, 8, 8)
-    ref = plain_eval_reference(model)
+    ref = frozen_reference(model)
     model.skip_bn = ref.skip_bn = True
     assert_close_rel(model(x), ref(x), 1e-6)
     assert "skip_bn" in model.bn.forward.block.fallback_reason
@@ -263,13 +254,13 @@ def test_calling_a_converted_conv_outside_its_owner_is_plain_pytorch():
     expected = model.stem[0](x)
     convbn.convert(model, "tune")
     assert_close_rel(model.stem[0](x), expected, 1e-6)  # a feature extractor calling the conv directly
-    assert_close_rel(model(x), plain_eval_reference(model)(x), 1e-6)
+    assert_close_rel(model(x), frozen_reference(model)(x), 1e-6)
 
 
 def test_deepcopy_pickle_save_load_and_to_dtype_work_on_a_converted_model():
     model = small_resnet()
     x = torch.randn(2, 3, 16, 16)
-    expected = plain_eval_reference(model)(x)
+    expected = frozen_reference(model)(x)
     convbn.convert(model, "tune")
     clone = copy.deepcopy(model)
     assert_close_rel(clone(x), expected, 1e-6)
@@ -284,7 +275,7 @@ def test_deepcopy_pickle_save_load_and_to_dtype_work_on_a_converted_model():
     assert_close_rel(pickle.loads(pickle.dumps(model))(x), expected, 1e-6)
     model.to(torch.float64)
     assert model(x.double()).dtype == torch.float64
-    assert_close_rel(model(x.double()), plain_eval_reference(model)(x.double()), 1e-12)
+    assert_close_rel(model(x.double()), frozen_reference(model)(x.double()), 1e-12)
 
 
 def test_checkpoint_round_trip_between_plain_and_converted_models():
@@ -299,7 +290,7 @@ def test_checkpoint_round_trip_between_plain_and_converted_models():
 def test_deploy_state_dict_has_folded_conv_and_no_bn_keys_and_revert_raises():
     model = small_resnet()
     x = torch.randn(2, 3, 16, 16)
-    expected = plain_eval_reference(model)(x)
+    expected = frozen_reference(model)(x)
     convbn.convert(model, "deploy")
     keys = set(model.state_dict())
     assert "stem.0.bias" in keys and not any(k.startswith("stem.1.") for k in keys)
@@ -428,7 +419,7 @@ class StockSubclassConv(nn.Conv2d):
 
 def test_structural_reasons_fall_back_to_eval_with_the_reason():
     model = randomize_all_bn(Shared())
-    ref = plain_eval_reference(model)
+    ref = frozen_reference(model)
     convbn.convert(model, "tune")
     rows = {r.bn: r for r in convbn.report(model)}
     assert "called 2 times" in rows["bn_a"].reason and rows["bn_a"].status == "fallback"
@@ -441,7 +432,7 @@ def test_structural_reasons_fall_back_to_eval_with_the_reason():
 def test_custom_forward_subclasses_and_stock_subclasses():
     model = nn.Sequential(MyConv(3, 4, 3), nn.BatchNorm2d(4), StockSubclassConv(4, 4, 1), nn.BatchNorm2d(4))
     randomize_all_bn(model)
-    ref = plain_eval_reference(model)
+    ref = frozen_reference(model)
     convbn.convert(model, "tune")
     rows = convbn.report(model).rows
     assert rows[0].status == "fallback" and "overrides forward()" in rows[0].reason
@@ -471,7 +462,7 @@ def test_bn_without_running_stats_and_corrupt_running_var_are_skipped():
 def test_bn_that_follows_no_layer_is_frozen_in_eval_and_tune():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4))
     randomize_all_bn(model)
-    ref = plain_eval_reference(model)
+    ref = frozen_reference(model)
     convbn.convert(model, "tune")
     row = convbn.report(model).rows[0]
     assert row.conv is None and row.mode == "eval" and "not the output of a Conv/Linear" in row.reason
@@ -490,7 +481,7 @@ class LinearHead(nn.Module):
 
 def test_linear_bn1d_on_2d_input_is_folded():
     model = randomize_all_bn(LinearHead())
-    ref = plain_eval_reference(model)
+    ref = frozen_reference(model)
     x = torch.randn(7, 6)
     convbn.convert(model, "tune", example_inputs=x)
     assert convbn.report(model).rows[0].status == "converted"
@@ -506,7 +497,7 @@ def test_linear_bn1d_on_3d_input_is_never_folded_wrongly():
     model.fc, model.bn = nn.Linear(5, 5), nn.BatchNorm1d(4)  # BN1d on [N, 4, 5]: normalizes axis 1
     randomize_all_bn(model)
     x = torch.randn(3, 4, 5)
-    ref = plain_eval_reference(model)
+    ref = frozen_reference(model)
     # with example_inputs: the plan knows the rank and refuses
     convbn.convert(model, "tune", example_inputs=x)
     row = convbn.report(model).rows[0]
@@ -517,7 +508,7 @@ def test_linear_bn1d_on_3d_input_is_never_folded_wrongly():
     sq.fc, sq.bn = nn.Linear(4, 4), nn.BatchNorm1d(4)
     randomize_all_bn(sq)
     x = torch.randn(3, 4, 4)
-    ref = plain_eval_reference(sq)
+    ref = frozen_reference(sq)
     convbn.convert(sq, "tune")  # no example_inputs: converted, checked at run time
     assert_close_rel(sq(x), ref(x), 1e-6)
     assert "ran unfused" in sq.bn.forward.block.fallback_reason
@@ -552,7 +543,7 @@ def test_untraceable_model_converts_with_example_inputs_and_errors_clearly_witho
     # only a run on example_inputs proved the pairs: another input could take a branch no run-time check sees
     assert report.method == "dynamic trace" and [r.status for r in report] == ["fallback", "fallback"]
     assert all("torch.fx cannot trace" in r.reason for r in report)
-    ref = plain_eval_reference(model).eval()
+    ref = frozen_reference(model).eval()
     assert_close_rel(model.eval()(x), ref(x), 1e-6)
     # switching modes later needs the inputs again: convbn keeps no stale analysis of an earlier trace
     with pytest.raises(ConvBNError, match="example_inputs"):
@@ -582,7 +573,7 @@ def test_padding_modes_strings_and_depthwise(conv):
     n = conv.weight.dim() - 2
     bn = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[n](4)
     model = randomize_all_bn(nn.Sequential(conv, bn))
-    ref = plain_eval_reference(model)
+    ref = frozen_reference(model)
     x = torch.randn(2, conv.in_channels, *([7] * n))
     convbn.convert(model, "tune")
     out, grads = params_grads(model, x)
@@ -603,7 +594,7 @@ class WithOutputSize(nn.Module):
 
 def test_conv_transpose_output_size_argument():
     model = randomize_all_bn(WithOutputSize())
-    ref = plain_eval_reference(model)
+    ref = frozen_reference(model)
     x = torch.randn(2, 4, 5, 5)
     convbn.convert(model, "tune", example_inputs=x)
     assert model(x).shape == (2, 6, 10, 10)
@@ -613,7 +604,7 @@ def test_conv_transpose_output_size_argument():
 def test_sync_batchnorm_converts_like_batchnorm():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4))
     randomize_all_bn(model)
-    ref = plain_eval_reference(model)
+    ref = frozen_reference(model)
     convbn.convert(model, "tune")
     assert convbn.report(model).rows[0].kind == "Conv2d->SyncBatchNorm"
     x = torch.randn(2, 3, 8, 8)

@@ -15,7 +15,7 @@ from torch import nn
 import convbn
 import convbn.api as api
 from convbn import ConvBNError
-from conftest import assert_close_rel, randomize_all_bn
+from conftest import assert_close_rel, frozen_reference, randomize_all_bn
 
 HAS_TRAIN_VARIANTS = "recompute" in inspect.signature(convbn.convert).parameters
 
@@ -42,14 +42,6 @@ def net(seed=0):
 
 
 X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-
-
-def eval_reference(model):
-    ref = copy.deepcopy(model)
-    for m in ref.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.eval()
-    return ref
 
 
 def snapshot(model):
@@ -170,7 +162,7 @@ class Reuse(nn.Module):
 
 def test_row08_conv_or_bn_called_twice_falls_back_to_eval_with_reason():
     model = randomize_all_bn(Reuse())
-    ref = eval_reference(model)
+    ref = frozen_reference(model)
     convbn.convert(model, "tune")
     r = rows(model)
     assert r["bn_a"].status == r["bn_b"].status == "fallback" and "`conv` is called 2 times" in r["bn_a"].reason
@@ -195,7 +187,7 @@ class TwoUsers(nn.Module):
 @pytest.mark.parametrize("example", [False, True])
 def test_row09_conv_output_with_two_users_falls_back_with_reason(example):
     model = randomize_all_bn(TwoUsers())
-    ref = eval_reference(model)
+    ref = frozen_reference(model)
     x = torch.randn(2, 3, 6, 6)
     convbn.convert(model, "tune", example_inputs=x if example else None)
     row = rows(model)["bn"]
@@ -215,7 +207,7 @@ class LinearBN3d(nn.Module):
 def test_row10_linear_bn1d_on_3d_input_is_never_folded():
     model = randomize_all_bn(LinearBN3d())
     x = torch.randn(3, 4, 4)  # BatchNorm1d normalizes axis 1 (length 4), not the Linear's features
-    ref = eval_reference(model)
+    ref = frozen_reference(model)
     tuned = convbn.convert(copy.deepcopy(model), "tune", example_inputs=x)
     assert rows(tuned)["bn"].status == "fallback" and "3-D" in rows(tuned)["bn"].reason
     assert_close_rel(tuned(x), ref(x), 1e-6)
@@ -239,7 +231,7 @@ class ShiftedBN(nn.BatchNorm2d):
 
 def test_row11_custom_conv_or_bn_forward_is_not_folded():
     model = randomize_all_bn(nn.Sequential(DoubledConv(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1), ShiftedBN(4)))
-    ref = eval_reference(model)
+    ref = frozen_reference(model)
     convbn.convert(model, "tune")
     r = convbn.report(model).rows
     assert r[0].status == "fallback" and "overrides forward()" in r[0].reason
@@ -347,7 +339,7 @@ def test_row19_deploy_of_a_train_mode_model_with_a_single_example():
     shipped = convbn.deploy(model, example_inputs=x)
     assert model.training and not shipped.training
     assert {r.status for r in convbn.report(shipped)} <= {"converted", "fallback"}
-    assert_close_rel(shipped(x), eval_reference(model).eval()(x), 1e-6)
+    assert_close_rel(shipped(x), frozen_reference(model).eval()(x), 1e-6)
 
 
 @pytest.mark.parametrize("mode", ["eval", "tune", "deploy"])
@@ -371,7 +363,7 @@ def test_row21_hooks_that_replace_or_modify_tensors_are_honoured(mode):
     for name, kind, hook in hooks:
         model, ref = net().train(), net().train()
         if mode == "tune":
-            ref = eval_reference(ref)  # BNs frozen, the rest in train()
+            ref = frozen_reference(ref)  # BNs frozen, the rest in train()
             convbn.convert(model, "tune")
         else:
             convbn.convert(model, "train", **{mode.split("+")[1]: True})
@@ -403,7 +395,7 @@ def test_row23_model_without_batchnorm_is_a_no_op_with_an_empty_report():
 def test_row24_parametrized_weight_is_not_deployed():
     model = net()
     torch.nn.utils.parametrizations.weight_norm(model.conv1)
-    ref = eval_reference(model)
+    ref = frozen_reference(model)
     shipped = convbn.deploy(model)
     row = rows(shipped)["bn1"]
     assert row.status == "fallback" and "parametrized" in row.reason
@@ -466,7 +458,7 @@ def test_injected_failure_mid_conversion_changes_nothing(monkeypatch, start, tar
     if report_before is not None:
         assert list(convbn.report(model)) == report_before
     monkeypatch.undo()
-    assert_close_rel(model.eval()(X), eval_reference(net()).eval()(X) if start != "plain" else net().eval()(X), 1e-6)
+    assert_close_rel(model.eval()(X), frozen_reference(net()).eval()(X) if start != "plain" else net().eval()(X), 1e-6)
 
 
 def test_keyboard_interrupt_mid_install_changes_nothing(monkeypatch):

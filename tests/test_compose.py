@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import convbn
-from conftest import assert_close_rel, calibrate_bn, randomize_all_bn
+from conftest import assert_close_rel, calibrate_bn, frozen_reference, randomize_all_bn
 from layer_cases import MixedBlocksNet
 
 HAS_TRAIN_VARIANTS = "recompute" in inspect.signature(convbn.convert).parameters
@@ -24,17 +24,6 @@ needs_train_variants = pytest.mark.skipif(
 def net(seed=0):
     torch.manual_seed(seed)
     return randomize_all_bn(MixedBlocksNet(), seed)
-
-
-def eval_reference(model):
-    """Plain PyTorch, every BN in eval(): what eval / tune / deploy compute."""
-    ref = copy.deepcopy(model)
-    if "_convbn_state" in ref.__dict__:
-        convbn.revert(ref)
-    for m in ref.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.eval()
-    return ref
 
 
 def out_and_grads(model, x, g=None):
@@ -67,7 +56,7 @@ def test_tune_compiles_fullgraph_with_eager_outputs_and_gradients():
     eager = out_and_grads(model, x)
     compiled = out_and_grads(torch.compile(model, fullgraph=True), x)
     assert_all_close(compiled, eager, 2e-5, "compiled tune vs eager tune")
-    assert_all_close(compiled, out_and_grads(eval_reference(model), x), 2e-5, "compiled tune vs eval")
+    assert_all_close(compiled, out_and_grads(frozen_reference(model), x), 2e-5, "compiled tune vs eval")
 
 
 @pytest.mark.slow
@@ -78,7 +67,7 @@ def test_compiled_model_follows_mode_switches():
     x = torch.randn(4, 3, 16, 16)
     for mode in ("tune", "train", "eval", "tune"):
         convbn.convert(model, mode)
-        expected = (eval_reference(model) if mode != "train" else copy.deepcopy(model))(x)
+        expected = (frozen_reference(model) if mode != "train" else copy.deepcopy(model))(x)
         assert_close_rel(compiled(x), expected, 2e-5, f"compiled after switching to {mode}")
 
 
@@ -88,7 +77,7 @@ def test_compiled_tune_still_refuses_a_hook_that_replaces_the_conv_output():
     # 2 * bn(conv(x)) instead of bn(2 * conv(x)).
     model = convbn.convert(net(), "tune")
     model.conv1.register_forward_hook(lambda m, i, o: o * 2)
-    ref = eval_reference(model)
+    ref = frozen_reference(model)
     x = torch.randn(2, 3, 16, 16)
     try:
         out = torch.compile(model)(x)
@@ -132,7 +121,7 @@ def _amp_errors(mode, seed):
     torch.manual_seed(seed)
     base, x = MixedBlocksNet(), torch.randn(8, 3, 16, 16)
     calibrate_bn(base, x, seed)
-    truth = out_and_grads(eval_reference(base).double(), x.double())
+    truth = out_and_grads(frozen_reference(base).double(), x.double())
     g = torch.linspace(-1, 1, truth[0].numel()).view_as(truth[0])
     ev, other = convbn.convert(copy.deepcopy(base), "eval"), convbn.convert(copy.deepcopy(base), mode)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -190,11 +179,11 @@ def test_low_precision_parameters_fold_in_float32(dtype, mode):
         torch.manual_seed(seed)
         base, x = MixedBlocksNet(), torch.randn(8, 3, 16, 16)
         calibrate_bn(base, x, seed)
-        truth = out_and_grads(eval_reference(base).double(), x.double())
+        truth = out_and_grads(frozen_reference(base).double(), x.double())
         other = convbn.deploy(copy.deepcopy(base).to(dtype), example_inputs=x.to(dtype)) if mode == "deploy" \
             else convbn.convert(copy.deepcopy(base).to(dtype), "tune")
         assert all(p.dtype == dtype for p in other.parameters())
-        for name, m in (("eval", eval_reference(base).to(dtype)), (mode, other)):
+        for name, m in (("eval", frozen_reference(base).to(dtype)), (mode, other)):
             res = out_and_grads(m, x.to(dtype))
             assert res[0].dtype == dtype
             n = 2 if mode == "deploy" else len(res)  # deploy's parameters are the folded ones
@@ -225,7 +214,7 @@ def test_channels_last_inputs_and_weights(mode, dims):
     model = net() if dims == 2 else randomize_all_bn(Net3d())
     x = torch.randn(4, 3, *([12] * dims)).contiguous(memory_format=fmt)
     model = model.to(memory_format=fmt)
-    ref = eval_reference(model)
+    ref = frozen_reference(model)
     converted = convbn.deploy(model).train() if mode == "deploy" else convbn.convert(model, mode).train()
     got, expected = out_and_grads(converted, x), out_and_grads(ref, x)
     if mode == "deploy":  # folded parameters: only the output and the input gradient are comparable
@@ -240,7 +229,7 @@ def test_channels_last_inputs_and_weights(mode, dims):
 @pytest.mark.parametrize("mode", ["tune", "eval"])
 def test_activation_checkpointing_recomputes_converted_blocks(mode):
     model = convbn.convert(net(), mode).train()
-    ref = eval_reference(model)
+    ref = frozen_reference(model)
 
     def run(m):
         def f(x):
@@ -284,14 +273,14 @@ def test_state_dict_round_trips_between_every_mode_and_the_plain_model(mode, kw)
     assert convbn.report(converted).requested_mode.startswith(mode)
     x = torch.randn(2, 3, 16, 16)
     if mode in ("eval", "tune"):
-        assert_close_rel(converted.train()(x), eval_reference(net(3))(x), 2e-5, "after loading a plain checkpoint")
+        assert_close_rel(converted.train()(x), frozen_reference(net(3))(x), 2e-5, "after loading a plain checkpoint")
 
 
 def test_optimizer_state_survives_mode_switches():
     """Parameters are the same objects in every mode: an optimizer keeps its state (and a saved
     optimizer state_dict loads) across tune -> eval -> tune, and the trajectory equals eval's."""
     model = convbn.convert(net(), "tune").train()
-    ref = eval_reference(model)
+    ref = frozen_reference(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
     x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))

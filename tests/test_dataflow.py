@@ -10,15 +10,7 @@ from torch import nn
 
 import convbn
 from convbn import ConvBNError
-from conftest import assert_close_rel, randomize_all_bn
-
-
-def frozen(model: nn.Module) -> nn.Module:
-    ref = copy.deepcopy(model).train()
-    for m in ref.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.eval()
-    return ref
+from conftest import assert_close_rel, frozen_reference, randomize_all_bn
 
 
 class DeepSupervision(nn.Module):
@@ -50,7 +42,7 @@ def test_a_consumer_that_exists_only_in_train_is_seen_whatever_the_state_at_conv
         assert rows["bn"].status == "fallback" and "in train() or eval()" in rows["bn"].reason
         assert rows["aux.1"].status == "converted"
     x = torch.randn(2, 3, 8, 8)
-    ref = frozen(model)
+    ref = frozen_reference(model, training=True)
     for a, e in zip(model.train()(x), ref(x)):
         assert_close_rel(a, e, 1e-6)
 
@@ -74,7 +66,7 @@ def test_aux_head_norms_are_planned_when_converted_in_eval_and_frozen_in_train()
     assert [r.status for r in convbn.report(model)] == ["converted", "converted"]
     before = {k: v.clone() for k, v in model.named_buffers()}
     x = torch.randn(2, 3, 8, 8)
-    for a, e in zip(model.train()(x), frozen(model)(x)):
+    for a, e in zip(model.train()(x), frozen_reference(model, training=True)(x)):
         assert_close_rel(a, e, 1e-6)
     assert all(torch.equal(v, before[k]) for k, v in model.named_buffers()), "aux BN statistics stay frozen"
 
@@ -107,7 +99,7 @@ def test_a_stashed_conv_output_is_not_folded(what, example):
     (row,) = convbn.report(model).rows
     assert row.status == "fallback" and "attribute" in row.reason, row
     assert not hasattr(model, "feat") and model.feats == [], "the trace's stash is undone"
-    ref = frozen(model)
+    ref = frozen_reference(model, training=True)
     model(x)
     ref(x)
     got = model.feat if what == "attr" else model.feats[-1]
@@ -145,7 +137,7 @@ def test_a_returned_conv_output_is_seen_by_the_dynamic_trace():
     convbn.convert(model, "tune", example_inputs=(x,))
     (row,) = convbn.report(model).rows
     assert row.status == "fallback" and "return value" in row.reason
-    for a, e in zip(model(x), frozen(model)(x)):
+    for a, e in zip(model(x), frozen_reference(model, training=True)(x)):
         assert_close_rel(a, e, 1e-6)
 
 
@@ -195,7 +187,7 @@ def test_an_untraceable_model_is_traced_per_submodule_and_takes_a_list_of_images
     images = [torch.randn(3, 8, 8), torch.randn(3, 10, 6)]
     convbn.convert(model, "tune", example_inputs=images)  # the list is the one argument
     assert convbn.report(model).method == "torch.fx + dynamic trace"
-    for a, e in zip(model(images), frozen(model)(images)):
+    for a, e in zip(model(images), frozen_reference(model, training=True)(images)):
         assert_close_rel(a, e, 1e-6)
 
 

@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import convbn
-from conftest import randomize_bn
+from conftest import frozen_reference, randomize_bn
 
 HAS_TRAIN_VARIANTS = "recompute" in inspect.signature(convbn.convert).parameters
 KINDS = ["Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "Linear"]
@@ -133,14 +133,6 @@ def configs(draw, kinds=KINDS, min_batch=1) -> Config:
                   size=size, **common)
 
 
-def _eval_copy(model: nn.Module) -> nn.Module:
-    ref = copy.deepcopy(model)
-    for m in ref.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.eval()
-    return ref
-
-
 def _run(model: nn.Module, x: torch.Tensor, with_grads: bool = True):
     x = x.detach().clone().requires_grad_(with_grads)
     out = model(x)
@@ -191,11 +183,11 @@ def test_fuzz_tune_equals_eval(cfg: Config):
     note(repr(cfg))
     COUNTS["tune"] += 1
     model, x = cfg.build()
-    ref = _eval_copy(model)
+    ref = frozen_reference(model)
     convbn.convert(model, "tune")
     report = convbn.report(model)
     assert [r.status for r in report] == ["converted"], str(report)
-    _check(_run(model.train(), x), _run(ref, x), _truth(cfg, _eval_copy), "tune vs eval")
+    _check(_run(model.train(), x), _run(ref, x), _truth(cfg, frozen_reference), "tune vs eval")
 
 
 @settings(max_examples=EXAMPLES["deploy"], **FUZZ)
@@ -204,14 +196,14 @@ def test_fuzz_deploy_equals_eval(cfg: Config):
     note(repr(cfg))
     COUNTS["deploy"] += 1
     model, x = cfg.build()
-    ref = _eval_copy(model)
+    ref = frozen_reference(model)
     # eval(): the example forward must not need batch statistics (a batch of 1 value per channel);
     # deploying a train()-mode model with such an input is a row of tests/test_bad_inputs.py
     shipped = convbn.deploy(model.eval(), example_inputs=x)
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in shipped.modules()), \
         str(convbn.report(shipped))
     with torch.no_grad():
-        _check(_run(shipped, x, False), _run(ref, x, False), _truth(cfg, _eval_copy, False), "deploy vs eval")
+        _check(_run(shipped, x, False), _run(ref, x, False), _truth(cfg, frozen_reference, False), "deploy vs eval")
 
 
 def _train_variant_property(cfg: Config, variant: str) -> None:

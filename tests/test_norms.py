@@ -14,7 +14,7 @@ import convbn
 from convbn import ConvBNError
 from convbn.norms import is_norm_layer, norm_type
 
-from conftest import assert_close_rel
+from conftest import assert_close_rel, assert_same_step, frozen_reference
 
 DT = torch.float64
 
@@ -112,16 +112,6 @@ def build(kind: str, act: str = "relu", bias: bool = True, seed: int = 0) -> Net
     return net
 
 
-def frozen_reference(model: nn.Module) -> nn.Module:
-    """Plain PyTorch with every norm's own training flag off and the rest in train(): what eval/tune compute.
-    Only the statistics freeze: what a norm applies after normalizing (timm's drop) follows model.train()."""
-    ref = copy.deepcopy(model).train()
-    for m in ref.modules():
-        if is_norm_layer(m):
-            m.training = False
-    return ref
-
-
 def step(model: nn.Module, x: torch.Tensor, seed: int = 7):
     torch.manual_seed(seed)
     out = model(x)
@@ -129,26 +119,6 @@ def step(model: nn.Module, x: torch.Tensor, seed: int = 7):
     params = [p for p in model.parameters() if p.requires_grad]
     grads = torch.autograd.grad(out, params + [x], g, allow_unused=True)
     return out, dict(zip([n for n, p in model.named_parameters() if p.requires_grad] + ["input"], grads))
-
-
-def assert_same_step(actual, expected, rel: float = 1e-10) -> None:
-    """Output and every gradient per tensor, relative; a gradient that is zero in exact arithmetic (a conv
-    bias before a train-mode BN) is compared against a noise floor of the step's gradient scale instead."""
-    out, grads = actual
-    ref_out, ref_grads = expected
-    assert_close_rel(out, ref_out, rel, "output")
-    assert grads.keys() == ref_grads.keys()
-    scale = max(float(r.abs().max()) for r in ref_grads.values() if r is not None)
-    for name, g in grads.items():
-        r = ref_grads[name]
-        if r is None:
-            assert g is None or float(g.abs().max()) == 0.0, name
-            continue
-        err = float((g - r).abs().max())
-        if float(r.abs().max()) <= 1e-9 * scale:  # analytically zero: both must sit at the noise floor
-            assert err <= 1e-9 * scale, f"{name}: {err:.3g} above the noise floor {1e-9 * scale:.3g}"
-        else:
-            assert_close_rel(g, r, rel, name)
 
 
 def buffers_of(model: nn.Module):
@@ -172,7 +142,7 @@ def test_every_norm_type_is_recognised_and_listed(kind):
 def test_eval_and_tune_compute_the_frozen_function_in_train(kind, act, mode):
     model = build(kind, act)
     x = torch.randn(3, 3, 7, 7, dtype=DT, requires_grad=True)
-    ref = frozen_reference(model)
+    ref = frozen_reference(model, training=True, norm=is_norm_layer)  # registered user norms too
     expected = step(ref, x)
     convbn.convert(model, mode)
     model.train()

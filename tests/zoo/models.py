@@ -22,8 +22,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
+
+from conftest import NORM_CLASS_NAMES, is_norm  # noqa: F401 (re-exported: the zoo's definition of a norm)
 
 
 
@@ -38,13 +39,7 @@ def importable(package: str) -> Optional[str]:
         return f"{package} does not import ({type(e).__name__}: {e})"
     return None
 
-NORM_CLASS_NAMES = frozenset({"FrozenBatchNorm2d", "BatchNormAct2d", "FrozenBatchNormAct2d", "SyncBatchNormAct"})
 LAYER_TYPES = (_ConvNd, nn.Linear)
-
-
-def is_norm(module: nn.Module) -> bool:
-    """A BatchNorm-like layer the zoo expects convbn to account for (one report row each)."""
-    return isinstance(module, _BatchNorm) or any(c.__name__ in NORM_CLASS_NAMES for c in type(module).__mro__)
 
 
 def norm_modules(model: nn.Module) -> Dict[str, nn.Module]:

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 import convbn
+from conftest import frozen_reference
 
 from .conftest import ZooModel, record
 from .models import (
@@ -73,15 +74,6 @@ def perturbed(model: nn.Module, seed: int = 99) -> nn.Module:
     return model
 
 
-def frozen_reference(model: nn.Module) -> nn.Module:
-    """Plain PyTorch fine-tuning with frozen norms: model in train(), every norm module in eval()."""
-    ref = copy.deepcopy(model).train()
-    for m in ref.modules():
-        if is_norm(m):
-            m.eval()
-    return ref
-
-
 def train_step(zm: ZooModel, model: nn.Module) -> Dict[str, Any]:
     """One seeded train() forward + backward; the outputs, every parameter gradient and the norm buffers
     before and after."""
@@ -122,7 +114,7 @@ def run_all(zm: ZooModel) -> Dict[str, Dict[str, Any]]:
     def run(mode: str) -> Dict[str, Any]:
         if mode == "plain":
             return zm.memo("train() forward+backward of the plain frozen reference",
-                           lambda: train_step(zm, frozen_reference(zm.model)))
+                           lambda: train_step(zm, frozen_reference(zm.model, training=True)))
         model, _ = converted(zm, mode)
         return zm.memo(f"train() forward+backward of convert(model, {mode!r})", lambda: train_step(zm, model))
     return {m: run(m) for m in ("tune", "eval", "plain")}
@@ -131,7 +123,7 @@ def run_all(zm: ZooModel) -> Dict[str, Dict[str, Any]]:
 def perturbed_run(zm: ZooModel) -> Dict[str, Any]:
     """The plain frozen reference with a few-ulp perturbation (only computed when a check needs it)."""
     return zm.memo("train() forward+backward of the perturbed plain frozen reference",
-                   lambda: train_step(zm, frozen_reference(perturbed(zm.model))))
+                   lambda: train_step(zm, frozen_reference(perturbed(zm.model), training=True)))
 
 
 def sensitivity(reference: Dict[str, Optional[torch.Tensor]],
