@@ -418,47 +418,95 @@ def test_row25_bad_train_variant_options(kw, match):
 
 
 # --------------------------------------------------------------------------- exception safety
-def _inject(monkeypatch, name, fail_on_call=1, exc=RuntimeError("injected failure")):
-    real = getattr(api, name)
-    calls = {"n": 0}
+def changed(model, snap) -> bool:
+    try:
+        assert_unchanged(model, snap)
+    except AssertionError:
+        return True
+    return False
+
+
+def _inject(monkeypatch, name, fail_on_call=1, exc=RuntimeError("injected failure"), model=None, snap=None):
+    """Make the ``fail_on_call``-th call of ``convbn.api.<name>`` (or ``convbn.icf.<name>`` for
+    ``"icf.<name>"``) raise ``exc``; records whether ``model`` differed from ``snap`` at that moment."""
+    owner, attr = (api.icf, name[4:]) if name.startswith("icf.") else (api, name)
+    real = getattr(owner, attr)
+    calls = {"n": 0, "mutated": None}
 
     def flaky(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == fail_on_call:
+            if model is not None:
+                calls["mutated"] = changed(model, snap)
             raise exc
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(api, name, flaky)
+    monkeypatch.setattr(owner, attr, flaky)
     return calls
 
 
-INJECTION_POINTS = [  # (api function, failing call, target mode): analysis, planning, installing, folding
-    *[("analyze", 1, t) for t in ("train", "eval", "tune", "deploy")],
-    *[("make_plan", 1, t) for t in ("train", "eval", "tune", "deploy")],
-    ("install", 3, "eval"), ("install", 3, "tune"), ("fold", 3, "deploy"),
-]
+TARGETS = {"train": ("train", {}), "eval": ("eval", {}), "tune": ("tune", {}), "deploy": ("deploy", {}),
+           "train+recompute": ("train", {"recompute": True}), "train+fission": ("train", {"fission": True})}
+# (function, failing call, target mode). Before anything changes: analysis and planning. After changes
+# were made (the previous blocks uninstalled, some or all of the new ones installed, guards and ICF's root
+# hooks installed, some folds applied): every other point -- the test checks the model *was* changed then.
+BEFORE_CHANGES = [*[("analyze", 1, t) for t in ("train", "eval", "tune", "deploy")],
+                  *[("make_plan", 1, t) for t in ("train", "eval", "tune", "deploy")]]
+AFTER_CHANGES = [("install", 3, "eval"), ("install", 3, "tune"), ("install", 4, "train+recompute"),
+                 ("install", 4, "train+fission"), ("make_block", 3, "tune"), ("install_guards", 1, "tune"),
+                 ("install_guards", 1, "train+recompute"), ("icf.install_root_hooks", 1, "train+fission"),
+                 ("apply_fold", 2, "deploy"), ("apply_fold", 3, "deploy")]
 
 
 @pytest.mark.parametrize("start", ["plain", "eval", "tune"])
-@pytest.mark.parametrize("where,call,target", INJECTION_POINTS)
+@pytest.mark.parametrize("where,call,target", BEFORE_CHANGES + AFTER_CHANGES)
 def test_injected_failure_mid_conversion_changes_nothing(monkeypatch, start, target, where, call):
     model = net()
     if start != "plain":
         convbn.convert(model, start)
     snap = snapshot(model)
     report_before = list(convbn.report(model)) if start != "plain" else None
-    calls = _inject(monkeypatch, where, call)
+    calls = _inject(monkeypatch, where, call, model=model, snap=snap)
+    mode, options = TARGETS[target]
     try:
-        convbn.convert(model, target)
+        convbn.convert(model, mode, **options)
     except RuntimeError as e:
         assert "injected" in str(e)
     else:
         pytest.fail(f"convert(..., {target!r}) from {start} called {where} {calls['n']} times, never failed")
+    if (where, call, target) in AFTER_CHANGES:
+        assert calls["mutated"], f"{where} call {call} failed before convert changed anything: not a mid-change case"
     assert_unchanged(model, snap)
     if report_before is not None:
         assert list(convbn.report(model)) == report_before
     monkeypatch.undo()
     assert_close_rel(model.eval()(X), frozen_reference(net()).eval()(X) if start != "plain" else net().eval()(X), 1e-6)
+
+
+def test_a_fold_whose_assignment_fails_half_way_is_undone_with_the_others():
+    """A user conv that refuses a new ``bias`` after accepting the new ``weight``: the third fold fails inside
+    its own assignments; it and the two applied before it are undone, the model is as it was."""
+    class ReadOnlyBias(nn.Conv2d):
+        armed = False
+
+        def __setattr__(self, name, value):
+            if name == "bias" and ReadOnlyBias.armed:
+                raise AttributeError("bias is read-only here")
+            super().__setattr__(name, value)
+
+    model = net()
+    old = model.conv2
+    model.conv2 = ReadOnlyBias(8, 16, 3, 2, 1, bias=False)
+    model.conv2.load_state_dict(old.state_dict())
+    snap = snapshot(model)
+    ReadOnlyBias.armed = True
+    try:
+        with pytest.raises(AttributeError, match="read-only"):
+            convbn.convert(model, "deploy")
+    finally:
+        ReadOnlyBias.armed = False
+    assert_unchanged(model, snap)
+    assert model.conv2.bias is None and isinstance(model.bn2, nn.BatchNorm2d)
 
 
 def test_keyboard_interrupt_mid_install_changes_nothing(monkeypatch):

@@ -229,7 +229,7 @@ def _apply(model: nn.Module, plan, mode: str, deployed: List[BlockReport], volat
     cache = icf.StatsCache() if any(row.mode == "train+fission" for _, row in plan) else None
     before_guards = [(m, dict(m._forward_pre_hooks), dict(m._forward_hooks),
                       dict(getattr(m, "_forward_hooks_always_called", {}))) for m in model.modules()]
-    folds, blocks = [], []
+    folds, blocks, undo_folds = [], [], []
     try:
         for m, _ in before.values():
             uninstall(m)
@@ -244,7 +244,11 @@ def _apply(model: nn.Module, plan, mode: str, deployed: List[BlockReport], volat
         install_guards(model, blocks, volatile)
         if cache is not None:
             icf.install_root_hooks(model, cache)
+        for cand, row, (weight, bias) in folds:  # the only parameter changes: last, each undoable
+            undo_folds.append(apply_fold(model, cand, weight, bias))
     except BaseException:
+        for undo in reversed(undo_folds):
+            undo()
         for m in model.modules():
             uninstall(m)
         for m, fwd in before.values():
@@ -255,10 +259,7 @@ def _apply(model: nn.Module, plan, mode: str, deployed: List[BlockReport], volat
                 table.clear()
                 table.update(saved)
         raise
-    # Deploy mutations cannot fail past this point: every fold is already computed.
-    for cand, row, (weight, bias) in folds:
-        apply_fold(model, cand, weight, bias)
-        deployed.append(row)
+    deployed.extend(row for _, row, _ in folds)
 
 
 def revert(model: nn.Module) -> nn.Module:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import Callable, List, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -47,14 +47,36 @@ def replacement(cand: Candidate) -> nn.Module:
     return FoldedNorm([(names[id(m)], m) for m in after])
 
 
-def apply_fold(model: nn.Module, cand: Candidate, weight: Tensor, bias: Tensor) -> None:
-    """Install a computed fold: new conv Parameters, the norm replaced wherever it is registered. Cannot fail."""
+def apply_fold(model: nn.Module, cand: Candidate, weight: Tensor, bias: Tensor) -> Callable[[], None]:
+    """Install a computed fold: new conv Parameters, the norm replaced wherever it is registered.
+
+    Everything that can fail (building the replacement and the Parameters) happens before the first
+    change; if a change itself fails (a user ``__setattr__``), the ones made are undone and the error
+    propagates. Returns a function that undoes the whole fold (for a later failure in the same convert).
+    """
     conv = cand.conv
     trainable = conv.weight.requires_grad
     new = replacement(cand)
-    conv.weight = nn.Parameter(weight, requires_grad=trainable)
-    conv.bias = nn.Parameter(bias, requires_grad=trainable)
-    for parent in model.modules():
-        for name, child in list(parent._modules.items()):
-            if child is cand.bn:
-                parent._modules[name] = new
+    new_weight, new_bias = nn.Parameter(weight, requires_grad=trainable), nn.Parameter(bias, requires_grad=trainable)
+    old_weight, old_bias = conv._parameters["weight"], conv._parameters.get("bias")
+    slots = [(parent, name) for parent in model.modules() for name, child in parent._modules.items()
+             if child is cand.bn]
+
+    def undo() -> None:
+        for parent, name in slots:
+            parent._modules[name] = cand.bn
+        conv.weight = old_weight
+        if old_bias is None:
+            conv._parameters["bias"] = None
+        else:
+            conv.bias = old_bias
+
+    try:
+        conv.weight = new_weight
+        conv.bias = new_bias
+        for parent, name in slots:
+            parent._modules[name] = new
+    except BaseException:
+        undo()
+        raise
+    return undo
