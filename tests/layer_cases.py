@@ -14,9 +14,18 @@ _BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 
 
 def block_params():
-    """(kind, bias, affine, groups) for every layer kind; Linear has no groups."""
+    """(kind, bias, affine, groups) for every layer kind; Linear has no groups. The full product, for the
+    fold math and the Functions (tests/test_fold.py, tests/functions/), where bias and affine change the math."""
     return [(k, b, a, g) for k in KINDS for b in (True, False) for a in (True, False) for g in (1, 2)
             if not (k == "Linear" and g == 2)]
+
+
+def convert_params():
+    """One (kind, bias, affine, groups) per layer kind and groups, bias and affine cycling through all four
+    combinations: for the tests of convert's wiring (analysis, plan, install), where the layer kind and its
+    geometry decide the path and bias/affine only reach the math that block_params() already covers."""
+    pairs = [(k, g) for k in KINDS for g in (1, 2) if not (k == "Linear" and g == 2)]
+    return [(k, i % 2 == 0, (i // 2) % 2 == 0, g) for i, (k, g) in enumerate(pairs)]
 
 
 def dims_of(kind: str) -> int:

@@ -13,7 +13,7 @@ import convbn
 from convbn import ConvBNError
 from convbn.bench.memory import saved_tensor_bytes
 from conftest import assert_close_rel, frozen_reference, randomize_all_bn
-from layer_cases import block_params, make_block
+from layer_cases import convert_params, make_block
 
 
 # --------------------------------------------------------------------------- models
@@ -61,7 +61,7 @@ def params_grads(model, x):
 
 
 # --------------------------------------------------------------------------- semantics
-@pytest.mark.parametrize("kind,bias,affine,groups", block_params())
+@pytest.mark.parametrize("kind,bias,affine,groups", convert_params())
 def test_tune_equals_eval_for_every_layer_kind(kind, bias, affine, groups):
     layer, bn, x = make_block(kind, bias, affine, groups)
     model = nn.Sequential(layer, bn, nn.ReLU())
@@ -76,7 +76,7 @@ def test_tune_equals_eval_for_every_layer_kind(kind, bias, affine, groups):
         assert_close_rel(g, rg, 3e-5, f"grad {name}")
 
 
-@pytest.mark.parametrize("kind,bias,affine,groups", block_params())
+@pytest.mark.parametrize("kind,bias,affine,groups", convert_params())
 def test_deploy_equals_eval_for_every_layer_kind(kind, bias, affine, groups):
     layer, bn, x = make_block(kind, bias, affine, groups)
     model = nn.Sequential(layer, bn)

@@ -11,7 +11,7 @@ import convbn
 from convbn import ConvBNError
 from convbn.bench.memory import saved_tensor_bytes
 from conftest import assert_close_rel, randomize_all_bn
-from layer_cases import block_params, make_block
+from layer_cases import convert_params, make_block
 
 VARIANTS = [{"recompute": True}, {"fission": True}]
 IDS = ["recompute", "fission"]
@@ -48,7 +48,7 @@ def _compare_training(model, ref, xs, rel=2e-5, zero_grad=("0.bias",)):
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=IDS)
-@pytest.mark.parametrize("kind,bias,affine,groups", block_params())
+@pytest.mark.parametrize("kind,bias,affine,groups", convert_params())
 def test_every_layer_kind_with_relu_matches_plain_train(variant, kind, bias, affine, groups):
     layer, bn, x = make_block(kind, bias, affine, groups)
     model = nn.Sequential(layer, bn, nn.ReLU())
