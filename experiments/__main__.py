@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from convbn.cli._options import CLIError, HelpFormatter
+from convbn.cli.options import CLIError, HelpFormatter
 from convbn.errors import ConvBNError
 
 from . import cli_adversarial, cli_appendix_m, cli_sweep, cli_transfer

@@ -9,7 +9,7 @@ import torch
 from .adversarial import DEFAULT_MODELS, AdversarialConfig, adversarial_table, run_adversarial
 from .common import monai_available, write_json
 
-from convbn.cli._options import HelpFormatter, add_run_options, out_path, say, settings_line, setup_threads, str_list
+from convbn.cli.options import HelpFormatter, add_run_options, out_path, say, settings_line, setup_threads, str_list
 
 DESCRIPTION = """\
 Adversarial example generation (paper Table 10) in Eval vs Tune mode: the model is frozen

@@ -13,7 +13,7 @@ from .appendix_m import appendix_m_table, inspect_model
 from .common import MODEL_HELP, default_model_spec, write_json
 from .models.registry import _REGISTRY, available_models
 
-from convbn.cli._options import HelpFormatter, add_model_options, add_run_options, out_path, say, setup_threads
+from convbn.cli.options import HelpFormatter, add_model_options, add_run_options, out_path, say, setup_threads
 
 DESCRIPTION = """\
 What convbn does to MODEL, and what it buys:

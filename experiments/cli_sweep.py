@@ -10,7 +10,7 @@ import torch
 from .common import MODEL_HELP, monai_available, write_json
 from .sweep import CSV_COLUMNS, SweepConfig, csv_rows, run_sweep, sweep_table
 
-from convbn.cli._options import (HelpFormatter, add_model_options, add_run_options, int_list, out_path, say,
+from convbn.cli.options import (HelpFormatter, add_model_options, add_run_options, int_list, out_path, say,
                        settings_line, setup_threads, str_list, write_csv)
 
 DESCRIPTION = """\

@@ -10,7 +10,7 @@ import torch
 from .common import write_json
 from .transfer import TransferConfig, run_transfer, transfer_table
 
-from convbn.cli._options import (HelpFormatter, add_run_options, out_path, say, settings_line, setup_threads,
+from convbn.cli.options import (HelpFormatter, add_run_options, out_path, say, settings_line, setup_threads,
                        str_list)
 
 DESCRIPTION = """\

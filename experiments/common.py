@@ -7,11 +7,11 @@ from typing import Optional, Tuple
 
 from torch import nn
 
-# The measurement plumbing is the library's (convbn.bench.compare, convbn.cli._options); re-exported here
+# The measurement plumbing is the library's (convbn.bench.compare, convbn.cli.options); re-exported here
 # so the experiments read as before.
 from convbn.bench.compare import (FixedProjectionLoss, ModeVariant, convert_variant, max_rel_err,  # noqa: F401
                                   mib, mode_variants, tensors_of)
-from convbn.cli._options import (CLIError, Progress, environment, make_input, memory_format_for,  # noqa: F401
+from convbn.cli.options import (CLIError, Progress, environment, make_input, memory_format_for,  # noqa: F401
                                  parse_dtype, write_json)
 
 from .models.registry import available_models, build_model, default_input_shape

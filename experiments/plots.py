@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Sequence
 
-from convbn.cli._plot import _color, _q, _save, plot_mode_bars, pyplot  # noqa: F401 (re-exported)
+from convbn.cli.plot import mode_color, plot_mode_bars, pyplot, quantile, save_figure  # noqa: F401 (re-exported)
 
 from .common import mib
 
@@ -25,8 +25,8 @@ def plot_sweep(records: List[Dict[str, Any]], path: str, title: str, fixed_size:
             if not pts:
                 continue
             xs = [p[0] for p in pts]
-            axes[0][col].plot(xs, [mib(p[1]["peak_bytes"]) for p in pts], "o-", color=_color(mode), label=mode)
-            axes[1][col].plot(xs, [p[1]["median_s"] * 1e3 for p in pts], "o-", color=_color(mode), label=mode)
+            axes[0][col].plot(xs, [mib(p[1]["peak_bytes"]) for p in pts], "o-", color=mode_color(mode), label=mode)
+            axes[1][col].plot(xs, [p[1]["median_s"] * 1e3 for p in pts], "o-", color=mode_color(mode), label=mode)
         axes[0][col].set_title(f"vs {key.replace('_', ' ')} ({fixed_key.replace('_', ' ')} {fixed})", fontsize=9)
         axes[1][col].set_xlabel(key.replace("_", " "))
         axes[0][col].set_ylabel("peak live tensor MiB")
@@ -35,7 +35,7 @@ def plot_sweep(records: List[Dict[str, Any]], path: str, title: str, fixed_size:
             row[col].grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_scale_histogram(values: Sequence[float], path: str, title: str) -> str:
@@ -56,7 +56,7 @@ def plot_scale_histogram(values: Sequence[float], path: str, title: str) -> str:
     ax.set_xlabel("|gamma| / sqrt(running_var + eps)   (Deploy: weight x this, gradient / this)")
     ax.set_ylabel("channels")
     ax.set_title(title, fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_appendix_m(blocks: List[Dict[str, Any]], path: str, title: str) -> str:
@@ -73,7 +73,7 @@ def plot_appendix_m(blocks: List[Dict[str, Any]], path: str, title: str) -> str:
     ax.set_ylabel("measured saving per block (MiB)")
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_transfer(result: Dict[str, Any], path: str, title: str) -> str:
@@ -87,7 +87,7 @@ def plot_transfer(result: Dict[str, Any], path: str, title: str) -> str:
         n = min(len(c) for c in curves)
         mean = [sum(c[i] for c in curves) / len(curves) for i in range(n)]
         xs = [i * result["config"]["log_every"] for i in range(n)]
-        axes[0].plot(xs, mean, color=_color(mode), label=mode)
+        axes[0].plot(xs, mean, color=mode_color(mode), label=mode)
     axes[0].set_yscale("log")
     axes[0].set_xlabel("iteration")
     axes[0].set_ylabel("train loss (mean over seeds)")
@@ -95,13 +95,13 @@ def plot_transfer(result: Dict[str, Any], path: str, title: str) -> str:
     names = list(result["modes"])
     accs = [result["modes"][m]["acc_mean"] * 100 for m in names]
     stds = [result["modes"][m]["acc_std"] * 100 for m in names]
-    axes[1].bar(names, accs, yerr=stds, capsize=4, color=[_color(m) for m in names])
+    axes[1].bar(names, accs, yerr=stds, capsize=4, color=[mode_color(m) for m in names])
     for i, a in enumerate(accs):
         axes[1].text(i, a + 1, f"{a:.1f}", ha="center", fontsize=8)
     axes[1].set_ylabel("test accuracy % (mean +- std over seeds)")
     axes[1].set_ylim(0, 105)
     fig.suptitle(title, fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_adversarial(rows: List[Dict[str, Any]], path: str, title: str) -> str:
@@ -123,4 +123,4 @@ def plot_adversarial(rows: List[Dict[str, Any]], path: str, title: str) -> str:
     ax.set_ylabel("tune / eval")
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)

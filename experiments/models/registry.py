@@ -19,6 +19,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from convbn.cli.spec import load_factory
+
 __all__ = ["ModelEntry", "available_models", "build_model", "default_input_shape"]
 
 _PREFIXES = ("monai", "torchvision", "timm")
@@ -202,22 +204,6 @@ def _import_optional(module: str, spec: str) -> Any:
                           f"{', '.join(available_models())}.") from None
 
 
-def _load_factory(prefix: str, name: str, spec: str) -> Callable[..., Any]:
-    try:
-        obj: Any = importlib.import_module(prefix)
-    except ImportError as e:
-        raise ImportError(f"cannot import module {prefix!r} of model spec {spec!r} ({e}). Check the "
-                          f"spelling and that the module is on sys.path (e.g. `pip install -e .`).") from None
-    for part in name.split("."):
-        if not hasattr(obj, part):
-            raise ValueError(f"module {prefix!r} has no attribute {name!r} (from model spec {spec!r}); "
-                             f"the part after ':' must name a callable that returns an nn.Module.")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise TypeError(f"{spec!r} names a {type(obj).__name__}, not a callable returning an nn.Module.")
-    return obj
-
-
 def build_model(spec: str, *, num_classes: Optional[int] = None, in_channels: Optional[int] = None,
                 dims: Optional[int] = None, **kwargs: Any) -> nn.Module:
     """Build a model from a spec string.
@@ -276,7 +262,7 @@ def build_model(spec: str, *, num_classes: Optional[int] = None, in_channels: Op
             raise ValueError(f"timm has no model {name!r}; see timm.list_models('*pattern*').")
         return timm.create_model(name, pretrained=False, **kwargs)
 
-    factory = _load_factory(prefix, name, spec)
+    factory = load_factory(prefix, name, spec)
     for key, value in (("num_classes", num_classes), ("in_channels", in_channels), ("dims", dims)):
         if value is not None:
             kwargs[key] = value

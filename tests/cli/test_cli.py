@@ -147,7 +147,7 @@ def test_bench_refuses_a_detector_clearly(capsys):
 
 
 def test_missing_optional_package_is_a_clear_error(capsys, monkeypatch):
-    import convbn.cli._spec as spec_mod
+    import convbn.cli.spec as spec_mod
 
     real = spec_mod.importlib.import_module
 

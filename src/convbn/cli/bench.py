@@ -10,9 +10,9 @@ import torch
 
 from ..bench.compare import compare_modes, compare_ticks, mib, mode_variants
 from ..bench.stats import calibrate_if_untouched
-from ._options import (CLIError, HelpFormatter, Progress, add_model_options, add_run_options, memory_format_for,
+from .options import (CLIError, HelpFormatter, Progress, add_model_options, add_run_options, memory_format_for,
                        out_path, parse_dtype, require, say, settings_line, setup_threads, str_list, write_json)
-from ._spec import build_workload, split_spec
+from .spec import build_workload, split_spec
 
 DESCRIPTION = """\
 Put SPEC's model in every ConvBN mode (train, train+recompute, train+fission, eval, tune, deploy)
@@ -120,7 +120,7 @@ def measure(args: argparse.Namespace, spec: str, json_name: str, png: Optional[s
                            "elapsed_s": time.perf_counter() - start, "notes": notes, **res.to_dict()})
     say(f"wrote {json_path}")
     if png is not None:
-        from ._plot import plot_mode_bars
+        from .plot import plot_mode_bars
 
         title = f"convbn modes: {spec}, input {settings['input']}, {args.dtype}, {settings['threads']} thread(s)"
         say(f"wrote {plot_mode_bars(res.rows, png, title)}")

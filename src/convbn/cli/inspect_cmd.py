@@ -12,8 +12,8 @@ import torch
 import convbn
 
 from ..bench.stats import bn_scales
-from ._options import HelpFormatter, add_model_options, require, say, setup_threads, write_json
-from ._spec import build_workload, monai_models, split_spec
+from .options import HelpFormatter, add_model_options, require, say, setup_threads, write_json
+from .spec import build_workload, monai_models, split_spec
 
 DESCRIPTION = """\
 The report of SPEC's model (a dry run; nothing is changed): every BatchNorm with its Conv/Linear,

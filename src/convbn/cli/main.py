@@ -12,7 +12,7 @@ import convbn
 from convbn.errors import ConvBNError
 
 from . import bench, inspect_cmd, run_default
-from ._options import CLIError, HelpFormatter
+from .options import CLIError, HelpFormatter
 
 SUBCOMMANDS = (run_default, bench, inspect_cmd)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._options import HelpFormatter, add_model_options, add_run_options, out_path
+from .options import HelpFormatter, add_model_options, add_run_options, out_path
 from .bench import DESCRIPTION as BENCH_DESCRIPTION
 from .bench import add_measure_options, measure
 

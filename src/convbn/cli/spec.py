@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from ._options import CLIError
+from .options import CLIError
 
 __all__ = ["Workload", "build_model", "build_workload", "monai_models", "split_spec"]
 
@@ -51,6 +51,33 @@ def _import_optional(module: str, spec: str) -> Any:
         package = module.split(".")[0]
         raise CLIError(f"{spec!r} needs {package}, which is not importable here ({type(e).__name__}: {e}). "
                        f"Install a version matching torch {torch.__version__} with `pip install {package}`.") from None
+
+
+def load_factory(prefix: str, name: str, spec: str) -> Callable[..., Any]:
+    """The callable ``name`` (dotted) of module ``prefix``, from a ``package.module:factory`` spec.
+
+    Raises:
+        ImportError: the module does not import; ValueError: it has no such attribute; TypeError: the
+        attribute is not callable. Each message names the spec and says how to fix it.
+
+    Example:
+        >>> load_factory("torch.nn", "Identity", "torch.nn:Identity")
+        <class 'torch.nn.modules.linear.Identity'>
+    """
+    try:
+        obj: Any = importlib.import_module(prefix)
+    except ImportError as e:
+        raise ImportError(f"cannot import module {prefix!r} of model spec {spec!r} ({e}). Check the spelling and "
+                          f"that the module is on sys.path (e.g. `pip install -e .` your package, or run from its "
+                          f"directory).") from None
+    for part in name.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"module {prefix!r} has no attribute {name!r} (from model spec {spec!r}); the part "
+                             f"after ':' must name a callable that returns an nn.Module")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise TypeError(f"{spec!r} names a {type(obj).__name__}, not a callable returning an nn.Module")
+    return obj
 
 
 # ------------------------------------------------------------------------------------------ MONAI
@@ -142,18 +169,9 @@ def build_model(spec: str, *, in_channels: Optional[int] = None, dims: Optional[
             raise CLIError(f"timm has no model {name!r}; see timm.list_models('*pattern*')")
         return timm.create_model(name, pretrained=False, **({} if in_channels is None else {"in_chans": in_channels}))
     try:
-        obj: Any = importlib.import_module(prefix)
-    except ImportError as e:
-        raise CLIError(f"cannot import module {prefix!r} of model spec {spec!r} ({e}). Check the spelling and that "
-                       f"the module is on sys.path (e.g. `pip install -e .` your package, or run from its "
-                       f"directory).") from None
-    for part in name.split("."):
-        if not hasattr(obj, part):
-            raise CLIError(f"module {prefix!r} has no attribute {name!r} (from model spec {spec!r}); the part "
-                           f"after ':' must name a callable that returns an nn.Module")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise CLIError(f"{spec!r} names a {type(obj).__name__}, not a callable returning an nn.Module")
+        obj = load_factory(prefix, name, spec)
+    except (ImportError, ValueError, TypeError) as e:
+        raise CLIError(str(e)) from None
     kwargs = {k: v for k, v in (("in_channels", in_channels), ("dims", dims)) if v is not None}
     model = obj(**kwargs)
     if not isinstance(model, nn.Module):

@@ -6,7 +6,7 @@ import os
 from typing import Any, Sequence
 
 from ..bench.compare import mib
-from ._options import CLIError
+from .options import CLIError
 
 __all__ = ["pyplot", "plot_mode_bars"]
 
@@ -26,7 +26,8 @@ def pyplot() -> Any:
     return plt
 
 
-def _save(fig: Any, path: str) -> str:
+def save_figure(fig: Any, path: str) -> str:
+    """Lay out, save (creating the folder) and close ``fig``; returns ``path``."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -34,7 +35,8 @@ def _save(fig: Any, path: str) -> str:
     return path
 
 
-def _color(name: str) -> str:
+def mode_color(name: str) -> str:
+    """The colour of a mode in every convbn plot (``"tune"``, ``"train+recompute"``, ...)."""
     return _COLORS.get(name, "#9467bd")
 
 
@@ -42,24 +44,30 @@ def plot_mode_bars(rows: Sequence[Any], path: str, title: str) -> str:
     """Three bar panels (saved MiB, peak MiB, median step ms with IQR whiskers) for ``ModeRow`` s."""
     plt = pyplot()
     names = [r.name for r in rows]
-    colors = [_color(n) for n in names]
+    colors = [mode_color(n) for n in names]
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     axes[0].bar(names, [mib(r.saved_bytes) for r in rows], color=colors)
     axes[0].set_ylabel("MiB saved for backward")
     axes[1].bar(names, [mib(r.peak_bytes) for r in rows], color=colors)
     axes[1].set_ylabel("peak live tensor MiB (fwd+bwd)")
     med = [r.median_s * 1e3 for r in rows]
-    lo = [max(m - _q(r.times_s, 0.25) * 1e3, 0) for m, r in zip(med, rows)]
-    hi = [max(_q(r.times_s, 0.75) * 1e3 - m, 0) for m, r in zip(med, rows)]
+    lo = [max(m - quantile(r.times_s, 0.25) * 1e3, 0) for m, r in zip(med, rows)]
+    hi = [max(quantile(r.times_s, 0.75) * 1e3 - m, 0) for m, r in zip(med, rows)]
     axes[2].bar(names, med, color=colors, yerr=[lo, hi], capsize=4)
     axes[2].set_ylabel("median step ms (IQR)")
     for ax in axes:
         ax.tick_params(axis="x", rotation=30)
     fig.suptitle(title, fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def _q(xs: Sequence[float], q: float) -> float:
+def quantile(xs: Sequence[float], q: float) -> float:
+    """Linear-interpolation quantile (numpy's default) of ``xs``; ``nan`` for no values.
+
+    Example:
+        >>> quantile([1.0, 2.0, 3.0, 4.0], 0.25)
+        1.75
+    """
     s = sorted(xs)
     if not s:
         return float("nan")
