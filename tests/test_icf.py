@@ -3,7 +3,6 @@
 import copy
 import pickle
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -91,7 +90,7 @@ class UntrackedWrites(nn.Module):
     a buffer written through ``.data``, an activation written through ``.data`` and through a NumPy
     alias of its memory, and memory shared with NumPy before the forward began."""
 
-    def __init__(self, shared: np.ndarray):
+    def __init__(self, shared):  # a numpy.ndarray
         super().__init__()
         self.register_buffer("memory", torch.ones(3, 4, 5, 5))
         self.shared = torch.from_numpy(shared)  # a NumPy array the model also writes through
@@ -129,6 +128,7 @@ class UntrackedWrites(nn.Module):
 @torch.no_grad()
 def test_writes_without_a_version_bump_never_reuse_stale_statistics():
     """The version counter misses ``.data`` and NumPy writes: statistics are then measured again."""
+    np = pytest.importorskip("numpy", reason="NumPy (not a torch dependency) writes memory without a version bump")
     shared, shared_ref = (np.random.default_rng(0).normal(size=(3, 4, 5, 5)).astype(np.float32) for _ in range(2))
     shared_ref[:] = shared
     model = randomize_all_bn(UntrackedWrites(shared))

@@ -59,11 +59,12 @@ def test_bench_memory_only_and_options_without_command_mean_run(tmp_path, capsys
 
 
 def test_default_run_checks_optional_dependencies_before_any_work(tmp_path, capsys, monkeypatch):
-    _hide(monkeypatch, "matplotlib")
-    assert main(["--out-dir", str(tmp_path), "--quiet"]) == 1  # the default: MONAI ResNet-50 and a PNG
-    err = capsys.readouterr().err
-    assert "needs matplotlib" in err and "pip install matplotlib" in err and "--no-plot" in err
-    assert not any(tmp_path.iterdir())  # failed before measuring anything
+    if importlib.util.find_spec("monai") is not None:  # (the primary CI leg; the core-only leg has no MONAI)
+        _hide(monkeypatch, "matplotlib")
+        assert main(["--out-dir", str(tmp_path), "--quiet"]) == 1  # the default: MONAI ResNet-50 and a PNG
+        err = capsys.readouterr().err
+        assert "needs matplotlib" in err and "pip install matplotlib" in err and "--no-plot" in err
+        assert not any(tmp_path.iterdir())  # failed before measuring anything
     _hide(monkeypatch, "monai")
     assert main(["--out-dir", str(tmp_path), "--quiet", "--no-plot"]) == 1
     assert "pip install monai" in capsys.readouterr().err
@@ -106,7 +107,8 @@ def test_bad_spec_mode_and_user_model_without_shape(tmp_path, capsys):
     assert main(["bench", "builtins:dict", "--input-size", "8", "--quiet"]) == 1
     assert "not an nn.Module" in capsys.readouterr().err
     assert main(["bench", "monai:nope", "--quiet"]) == 1
-    assert "unknown MONAI model 'nope'" in capsys.readouterr().err
+    err = capsys.readouterr().err  # (the core-only CI leg has no MONAI: then the spec needs it)
+    assert ("unknown MONAI model 'nope'" if _importable("monai") else "needs monai, which is not installed") in err
     assert main(["bench", SPEC, "--input-size", "8", "--modes", "tunee", "--quiet"]) == 1
     assert "unknown mode 'tunee'" in capsys.readouterr().err
     assert main(["bench", SPEC, "--quiet", "--out-dir", str(tmp_path)]) == 1
@@ -161,7 +163,8 @@ def test_missing_optional_package_is_a_clear_error(capsys, monkeypatch):
                           ("monai:resnet18", "monai")):
         assert main(["inspect", spec]) == 1
         err = capsys.readouterr().err
-        assert f"needs {package}, which is not importable here" in err and f"pip install {package}" in err, err
+        # "not importable here" (import fails), or "not installed" where the package is truly absent
+        assert f"needs {package}, which is not" in err and f"pip install {package}" in err, err
 
 
 @pytest.mark.slow
