@@ -130,11 +130,12 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                 "nodes": nodes,
             }
         # the other order, and deploy of a sharded model: refused before any work
-        for what in ("convert", "deploy"):
+        for what in ("convert", "deploy", "report"):
             model = make_net()
             _shard(model, "per-block", mesh)
             try:
-                convbn.convert(model, "tune") if what == "convert" else convbn.deploy(model)
+                {"convert": lambda: convbn.convert(model, "tune"), "deploy": lambda: convbn.deploy(model),
+                 "report": lambda: convbn.report(model, "tune")}[what]()
                 results[what] = ("ok", "")
             except Exception as e:  # noqa: BLE001 - recorded for the parent to check
                 results[what] = (type(e).__name__, str(e))
@@ -232,7 +233,7 @@ def test_full_state_dict_is_the_plain_models_and_round_trips(fsdp_results, mode,
 
 
 def test_converting_or_deploying_a_sharded_model_is_refused_with_the_order_to_use(fsdp_results):
-    for what in ("convert", "deploy"):
+    for what in ("convert", "deploy", "report"):
         outcome, message = fsdp_results[0][what]
         assert outcome == "ConvBNError", (what, outcome, message)
         assert "already sharded (fully_shard)" in message and "Convert first, then shard" in message, message

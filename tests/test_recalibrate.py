@@ -320,3 +320,27 @@ def test_dict_batches_with_forward_fn_and_progress_line(capsys):
     report = convbn.recalibrate(model, batches, forward_fn=lambda m, b: m(b["image"]))
     assert report.num_batches == 3 and len(report.recalibrated) == 5
     assert "convbn.recalibrate: batch 3" in capsys.readouterr().err
+
+
+def test_timm_batchnormact2d_is_recalibrated_from_its_input():
+    norm_act = pytest.importorskip("timm.layers.norm_act", reason="timm is not installed")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), norm_act.BatchNormAct2d(6, act_layer=nn.ReLU)).to(DT).train()
+    randomize_all_bn(model)
+    convbn.convert(model, "tune")
+    assert convbn.report(model).rows[0].status == "converted"
+    batches = _batches((3, 7, 7))
+    with torch.no_grad():
+        mean, var, _ = _population([type(model[0]).forward(model[0], x) for x in batches])
+    convbn.recalibrate(model, batches, progress=False)
+    assert_close_rel(model[1].running_mean, mean, 1e-13, "mean")
+    assert_close_rel(model[1].running_var, var, 1e-13, "var")
+
+
+def test_torchvision_frozen_batchnorm_is_skipped():
+    misc = pytest.importorskip("torchvision.ops.misc", reason="torchvision is not installed")
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), misc.FrozenBatchNorm2d(4), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+    convbn.convert(model, "tune")
+    report = convbn.recalibrate(model, [torch.randn(2, 3, 6, 6)], progress=False)
+    assert [r.status for r in report] == ["skipped", "recalibrated"], str(report)
+    assert "frozen norm" in report["1"].reason
