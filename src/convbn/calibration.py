@@ -55,6 +55,12 @@ class NormChange:
         mean_change: ``max |new running_mean - old running_mean|`` over channels (NaN when skipped).
         var_change: ``max |new running_var / old running_var - 1|`` over channels (NaN when skipped).
         count: input values seen per channel (samples x positions).
+
+    Example:
+        >>> import convbn, torch
+        >>> m = torch.nn.Sequential(torch.nn.Conv1d(2, 3, 1), torch.nn.BatchNorm1d(3))
+        >>> convbn.recalibrate(m, [torch.randn(4, 2, 5)], progress=False).rows[0].count
+        20
     """
 
     name: str

@@ -20,7 +20,14 @@ __all__ = ["sharding_of", "check_not_sharded"]
 
 
 def sharding_of(model: nn.Module) -> Optional[str]:
-    """What shards ``model`` (``"fully_shard"``, ``"FullyShardedDataParallel"``, ``"DTensor parameters"``), or None."""
+    """What shards ``model`` (``"fully_shard"``, ``"FullyShardedDataParallel"``, ``"DTensor parameters"``), or None.
+
+    Example:
+        >>> import torch
+        >>> from convbn.sharding import sharding_of
+        >>> sharding_of(torch.nn.Conv2d(3, 4, 3)) is None
+        True
+    """
     for m in model.modules():
         names = {cls.__name__ for cls in type(m).__mro__}
         if "FSDPModule" in names:
@@ -33,7 +40,13 @@ def sharding_of(model: nn.Module) -> Optional[str]:
 
 
 def check_not_sharded(model: nn.Module, fn: str) -> None:
-    """Raise :class:`~convbn.ConvBNError` (before any work) if ``model`` is already sharded."""
+    """Raise :class:`~convbn.ConvBNError` (before any work) if ``model`` is already sharded.
+
+    Example:
+        >>> import torch
+        >>> from convbn.sharding import check_not_sharded
+        >>> check_not_sharded(torch.nn.Linear(2, 2), "convert")  # a plain model passes
+    """
     from .errors import ConvBNError
 
     how = sharding_of(model)

@@ -14,11 +14,12 @@ optionally recalibrate its BatchNorm statistics and keep (or save) a deployed co
   a path also saves it there with ``torch.save`` (on global rank 0; load with ``torch.load(path,
   weights_only=False)``). The trained model itself stays converted.
 
-Example (a runnable version is in ``docs/integrations/lightning.md``):
+Usage (the runnable example is in ``docs/integrations/lightning.md``, run by the tests)::
 
-    >>> import lightning.pytorch as pl  # doctest: +SKIP
-    >>> from convbn.integrations.lightning import ConvBNCallback  # doctest: +SKIP
-    >>> trainer = pl.Trainer(callbacks=[ConvBNCallback("tune", export_deployed=True)])  # doctest: +SKIP
+    import lightning.pytorch as pl
+    from convbn.integrations.lightning import ConvBNCallback
+
+    trainer = pl.Trainer(callbacks=[ConvBNCallback("tune", export_deployed=True)])
 """
 
 from __future__ import annotations

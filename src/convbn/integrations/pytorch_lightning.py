@@ -15,11 +15,12 @@ keep (or save) a deployed copy.
   a path also saves it there with ``torch.save`` (on global rank 0; load with ``torch.load(path,
   weights_only=False)``). The trained model itself stays converted.
 
-Example (a runnable version is in ``docs/integrations/lightning.md``):
+Usage (the runnable example is in ``docs/integrations/lightning.md``, run by the tests)::
 
-    >>> import pytorch_lightning as pl  # doctest: +SKIP
-    >>> from convbn.integrations.pytorch_lightning import ConvBNCallback  # doctest: +SKIP
-    >>> trainer = pl.Trainer(callbacks=[ConvBNCallback("tune", export_deployed=True)])  # doctest: +SKIP
+    import pytorch_lightning as pl
+    from convbn.integrations.pytorch_lightning import ConvBNCallback
+
+    trainer = pl.Trainer(callbacks=[ConvBNCallback("tune", export_deployed=True)])
 """
 
 from __future__ import annotations
