@@ -112,6 +112,28 @@ def test_tune_trains_like_a_plain_eval_bn_loop_and_checkpoints_load_into_the_pla
     assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in saved.items())
 
 
+@pytest.mark.parametrize("kw", [{"recompute": True}, {"fission": True}], ids=["recompute", "fission"])
+def test_train_variants_train_like_plain_pytorch(tmp_path, kw):
+    lit = Lit()
+    cb = ConvBNCallback("train", module="model", **kw)
+    trainer(tmp_path, [cb], enable_checkpointing=False).fit(lit, loader())
+    variant = "train-" + next(iter(kw))
+    assert [(r.mode, r.status) for r in cb.report] == [(variant, "converted")] * 2, str(cb.report)
+    ref = make_net().train()
+    opt = torch.optim.SGD(ref.parameters(), lr=LR)
+    for _ in range(2):
+        for x, y in loader():
+            opt.zero_grad()
+            F.cross_entropy(ref(x), y).backward()
+            opt.step()
+    state = lit.model.state_dict()
+    for k, v in ref.state_dict().items():  # parameters and the running statistics train mode updated
+        if k.endswith("num_batches_tracked"):
+            assert torch.equal(state[k], v), k
+        else:
+            assert_close_rel(state[k], v, 1e-10, k)
+
+
 class FreezeBackbone(BaseFinetuning):
     """Lightning's documented pattern: frozen backbone (its BNs with track_running_stats=False), unfrozen at epoch 1."""
 
