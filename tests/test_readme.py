@@ -50,9 +50,9 @@ def test_torch_floor_covers_what_the_code_uses_and_the_installed_torch_meets_it(
 
 
 def test_import_convbn_imports_no_tooling_packages():
-    code = ("import sys, convbn, convbn.bench.compare, convbn.bench.stats, convbn.cli.main; "
-            "bad = sorted(m for m in ('matplotlib', 'sklearn', 'monai', 'torchvision', 'timm', 'experiments') "
-            "if m in sys.modules); print(bad)")
+    code = ("import sys, convbn, convbn.bench.compare, convbn.bench.stats, convbn.cli.main, convbn.integrations; "
+            "bad = sorted(m for m in ('matplotlib', 'sklearn', 'monai', 'torchvision', 'timm', 'experiments', "
+            "'lightning', 'pytorch_lightning') if m in sys.modules); print(bad)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           cwd=ROOT / "tests", env={"PYTHONPATH": str(ROOT / "src"), "PATH": ""})
     assert proc.returncode == 0, proc.stderr

@@ -6,6 +6,7 @@
 """
 
 from .api import convert, deploy, report, revert
+from .calibration import NormChange, RecalibrationReport, recalibrate
 from .errors import ConvBNError
 from .export import export_onnx
 from .fold import fold_conv_bn_weights
@@ -13,6 +14,7 @@ from .functions.tune import tune_conv_bn
 from .norms import NormParams, register_norm, unregister_norm
 from .plan import BlockReport, Report
 
-__all__ = ["convert", "revert", "report", "deploy", "export_onnx", "ConvBNError", "Report", "BlockReport",
+__all__ = ["convert", "revert", "report", "deploy", "recalibrate", "RecalibrationReport", "NormChange",
+           "export_onnx", "ConvBNError", "Report", "BlockReport",
            "fold_conv_bn_weights", "tune_conv_bn", "register_norm", "unregister_norm", "NormParams"]
 __version__ = "0.1.0"

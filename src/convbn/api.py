@@ -17,6 +17,7 @@ from .plan import MODES, BlockReport, Report, make_plan
 from .runtime import INSTALLED_MODES, install, installed_block, make_block, uninstall
 from .runtime.deploy import apply_fold, fold
 from .runtime.guard import install_guards, remove_guards
+from .sharding import check_not_sharded
 
 __all__ = ["convert", "revert", "report", "deploy"]
 
@@ -136,6 +137,7 @@ def convert(
         >>> _ = convbn.revert(model)
     """
     _check_model(model, "convert")
+    check_not_sharded(model, "convert")
     mode = _check_mode(mode)
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError(f"filter_fn must be callable as filter_fn(module, qualified_name) -> bool, got "
@@ -325,6 +327,7 @@ def report(model: nn.Module, mode: Optional[str] = None, *, example_inputs: Any 
         return _live(model, state.report)
     mode = _check_mode(mode if mode is not None else "tune")
     variant = _train_variant(mode, recompute, fission)
+    check_not_sharded(model, "report")
     analysis = analyze(model, example_inputs)
     plan = make_plan(analysis, mode, filter_fn, variant)
     return Report([r for _, r in plan], variant or mode, analysis.method, False, analysis.notes)
@@ -345,4 +348,5 @@ def deploy(model: nn.Module, *, example_inputs: Any = None,
         ('Identity', 'BatchNorm2d')
     """
     _check_model(model, "deploy")
+    check_not_sharded(model, "deploy")
     return convert(copy.deepcopy(model).eval(), "deploy", example_inputs=example_inputs, filter_fn=filter_fn)
