@@ -42,7 +42,7 @@ GLOBAL_BATCH = 8
 LR = 0.1
 DT = torch.float64
 MODES = {"eval": ("eval", {}), "tune": ("tune", {}), "train": ("train", {}),
-         "train-recompute": ("train", {"recompute": True}), "train-fission": ("train", {"fission": True})}
+         "train+recompute": ("train", {"recompute": True}), "train+fission": ("train", {"fission": True})}
 SHARDINGS = ("per-block", "root")
 CASES = [(m, s) for m in MODES for s in SHARDINGS]
 
@@ -91,8 +91,8 @@ def _graph_nodes(loss):
 
 
 # the Function each mode's blocks run (3 blocks), read off the autograd graph
-FUSED = {"tune": "TuneConvBNFunctionBackward", "train-recompute": "RecomputeConvBNFunctionBackward",
-         "train-fission": "BNReLUTrainFunctionBackward"}
+FUSED = {"tune": "TuneConvBNFunctionBackward", "train+recompute": "RecomputeConvBNFunctionBackward",
+         "train+fission": "BNReLUTrainFunctionBackward"}
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
@@ -202,7 +202,7 @@ def test_gradients_equal_single_process(fsdp_results, mode, sharding):
                 continue
             assert_close_rel(got[n], g, 1e-10, f"rank {rank} {mode}/{sharding}: grad {n}")
     report = fsdp_results[0][(mode, sharding)]["report"]
-    expected_mode = {"train-recompute": "train-recompute", "train-fission": "train-fission"}.get(mode, mode)
+    expected_mode = {"train+recompute": "train+recompute", "train+fission": "train+fission"}.get(mode, mode)
     assert [(m, s) for _, m, s in report] == [(expected_mode, "converted")] * 3, report
     nodes = fsdp_results[0][(mode, sharding)]["nodes"]
     if mode in FUSED:  # every block ran its fused Function under FSDP (none fell back to the unfused path)

@@ -46,7 +46,7 @@ SINGLE = {
                                        lambda: nn.SyncBatchNorm(4), (3, 4, 3)),
 }
 MODES = [("eval", {}), ("tune", {}), ("train", {}), ("train", {"recompute": True}), ("train", {"fission": True})]
-MODE_IDS = ["eval", "tune", "train", "train-recompute", "train-fission"]
+MODE_IDS = ["eval", "tune", "train", "train+recompute", "train+fission"]
 
 
 def _single(kind, mode, kw):
