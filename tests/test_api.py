@@ -644,6 +644,28 @@ def test_report_previews_a_train_variant_and_names_it_as_convert_does():
         convbn.report(small_resnet(), "train", recompute=True, fission=True)
 
 
+def test_report_says_when_a_hook_or_an_input_makes_a_converted_block_run_unfused():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    convbn.convert(randomize_all_bn(model), "tune")
+    assert convbn.report(model).rows[0].status == "converted"
+    handle = model[0].register_forward_hook(lambda m, i, o: None)
+    (row,) = convbn.report(model).rows
+    assert row.status == "fallback" and "a hook on `0`" in row.reason and "without tune's savings" in row.reason
+    handle.remove()
+    assert convbn.report(model).rows[0].status == "converted"
+
+    lin = convbn.convert(randomize_all_bn(nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6))), "tune")
+    assert convbn.report(lin).rows[0].status == "converted"
+    x = torch.randn(4, 5)
+    ref = frozen_reference(lin)
+    assert_close_rel(lin(x), ref(x), 1e-6)
+    assert convbn.report(lin).rows[0].status == "converted"
+    x3 = torch.randn(4, 6, 5)  # BatchNorm1d normalizes dim 1 (6 positions), the Linear maps the last dim 5 -> 6
+    assert_close_rel(lin(x3), ref(x3), 1e-6)
+    row = convbn.report(lin).rows[0]
+    assert row.status == "fallback" and "3-D input" in row.reason, row
+
+
 # --------------------------------------------------------------------------- memory (deterministic)
 def test_tune_saves_what_deploy_saves_and_about_half_of_eval():
     model = small_resnet()

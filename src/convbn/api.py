@@ -186,7 +186,8 @@ def _rescope_submodule_states(model: nn.Module) -> None:
 
 def _live(model: nn.Module, report: Report) -> Report:
     """``report`` with every row checked against what is installed now (a later convert/revert of a
-    submodule may have changed a block)."""
+    submodule may have changed a block; a hook registered since, or a call that could not fold, makes a
+    block run unfused)."""
     modules = dict(model.named_modules())
     rows, changed = [], False
     for r in report.rows:
@@ -201,6 +202,9 @@ def _live(model: nn.Module, report: Report) -> Report:
             rows.append(dataclasses.replace(r, mode=live, status="skipped" if live == "train" else r.status,
                                             reason=f"changed by a later convbn.convert/revert of a submodule: "
                                                    f"runs {live}"))
+            changed = True
+        elif block is not None and r.status == "converted" and block.live_reason():
+            rows.append(dataclasses.replace(r, status="fallback", reason=block.live_reason()))
             changed = True
         else:
             rows.append(r)

@@ -63,6 +63,19 @@ class Block:
         self._owner_depth = 0  # > 0 while the owner's forward runs (see convbn.runtime.guard)
         self._stale: Optional[str] = None  # an attribute changed since conversion: run unfused
 
+    def live_reason(self) -> Optional[str]:
+        """Why this block's calls run unfused now, or ``None``: a hook (the user's, or FSDP's on a module it
+        shards) observes the tensor between the conv and the norm, or a call could not fold (``fallback_reason``)."""
+        if "conv" in self.roles and self.conv is not None:
+            hooked = [name for name, m, kw in ((self.conv_name, self.conv, dict(forward=True, backward=True)),
+                                               (self.bn_name, self.bn, dict(pre=True, backward=True)))
+                      if _hooked(m, **kw)]
+            if hooked:
+                return (f"a hook on {' and '.join(f'`{n}`' for n in hooked)} observes the tensor between conv and "
+                        f"norm: runs unfused (the same function, without {self.mode}'s savings); remove the hook, "
+                        f"or register it on the block's parent")
+        return self.fallback_reason
+
     @property
     def fuses_relu(self) -> bool:
         return self.relu is not None or self.inner_relu is not None or self.functional_relu is not None
