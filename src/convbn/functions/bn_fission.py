@@ -43,7 +43,8 @@ import torch
 from torch import Tensor
 
 from ..errors import ConvBNError
-from ._conv import channel_view, is_batched, is_functorch_wrapped, plain_host_tensor, ptr, running_stats_update, threads
+from ._conv import (channel_dtype, channel_view, cumulative_factor, is_batched, is_functorch_wrapped, plain_host_tensor,
+                    ptr, running_stats_update, threads)
 from .native import NativeLibrary, extension_mode, use_extension
 
 __all__ = [
@@ -454,7 +455,8 @@ def _geometry(x: Tensor) -> Tuple[int, int, int, Optional[int]]:
 
 
 def _kernel_args(x: Tensor) -> Optional[Tuple[ctypes.CDLL, str, int, int, int, int]]:
-    if not plain_host_tensor(x) or x.dtype not in (torch.float32, torch.float64) or x.numel() == 0:
+    if not plain_host_tensor(x) or x.dtype not in (torch.float32, torch.float64) or x.numel() == 0 \
+            or _channel_dtype(x) != torch.float64:  # (the kernels' per-channel vectors are float64)
         return None
     n, c, length, nlc = _geometry(x)
     if nlc is None:
@@ -473,11 +475,17 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def _channel_dtype(x: Tensor) -> torch.dtype:
+    """The per-channel dtype: float64 on the CPU (and for float64 data), float32 on other devices."""
+    return channel_dtype(x.device, x.dtype)
+
+
 def _centered(x: Tensor, mean: Tensor) -> Tensor:
-    # x - mean with the float64 mean split into hi + lo, as the kernel does (exact when mean >> std).
+    # x - mean with a float64 mean split into hi + lo, as the kernel does (exact when mean >> std); a
+    # float32 mean (off the CPU) has lo == 0.
     dt = _compute_dtype(x)
     hi = mean.to(dt)
-    lo = (mean - hi.to(torch.float64)).to(dt)
+    lo = (mean - hi.to(mean.dtype)).to(dt)
     return (x.to(dt) - channel_view(hi, x)).sub_(channel_view(lo, x))
 
 
@@ -489,12 +497,12 @@ def _like(t: Tensor, ref: Tensor) -> Tensor:
 
 
 def _stats_impl(x: Tensor) -> Tuple[Tensor, Tensor]:
-    """Per-channel ``(mean, biased var)`` as float64, one sweep over ``x``."""
+    """Per-channel ``(mean, biased var)`` in the per-channel dtype (float64 on the CPU), one sweep over ``x``."""
     c = x.shape[1]
     args = _kernel_args(x)
     if args is None:
         var, mean = torch.var_mean(x.to(_compute_dtype(x)), dim=_reduce_dims(x), correction=0)  # Welford
-        return mean.to(torch.float64), var.to(torch.float64)
+        return mean.to(_channel_dtype(x)), var.to(_channel_dtype(x))
     lib, sfx, n, c, length, nlc = args
     mean = torch.empty(c, dtype=torch.float64)
     var = torch.empty(c, dtype=torch.float64)
@@ -509,7 +517,7 @@ _stats_op = torch.library.custom_op("convbn::bn_fission_stats", _stats_impl, mut
 @_stats_op.register_fake
 def _(x: Tensor) -> Tuple[Tensor, Tensor]:
     c = x.shape[1]
-    return x.new_empty(c, dtype=torch.float64), x.new_empty(c, dtype=torch.float64)
+    return x.new_empty(c, dtype=_channel_dtype(x)), x.new_empty(c, dtype=_channel_dtype(x))
 
 
 def _affine(x: Tensor, mean: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
@@ -550,15 +558,15 @@ def _masked(grad: Tensor, x: Tensor, mean: Tensor, scale: Tensor, shift: Tensor,
 
 def _grad_sums_impl(grad: Tensor, x: Tensor, mean: Tensor, scale: Tensor, shift: Tensor,
                     relu: bool) -> Tuple[Tensor, Tensor]:
-    """``(sum(g), sum(g * (x - mean)))`` per channel in float64, ``g`` = ``grad`` masked by the ReLU
+    """``(sum(g), sum(g * (x - mean)))`` per channel in ``mean``'s dtype, ``g`` = ``grad`` masked by the ReLU
     (mask recomputed from ``x``: the output is never read back); one sweep over ``grad`` and ``x``."""
     grad = _like(grad, x)
     args = _kernel_args(x)
     if args is None:
         g = _masked(grad, x, mean, scale, shift, relu)
         dims = _reduce_dims(x)
-        return (g.sum(dims, dtype=torch.float64),
-                (g * _centered(x, mean)).sum(dims, dtype=torch.float64))
+        return (g.sum(dims, dtype=mean.dtype),
+                (g * _centered(x, mean)).sum(dims, dtype=mean.dtype))
     lib, sfx, n, c, length, nlc = args
     sum_g = torch.empty(c, dtype=torch.float64)
     sum_gx = torch.empty(c, dtype=torch.float64)
@@ -575,7 +583,7 @@ _grad_sums_op = torch.library.custom_op("convbn::bn_fission_grad_sums", _grad_su
 @_grad_sums_op.register_fake
 def _(grad: Tensor, x: Tensor, mean: Tensor, scale: Tensor, shift: Tensor, relu: bool) -> Tuple[Tensor, Tensor]:
     c = x.shape[1]
-    return x.new_empty(c, dtype=torch.float64), x.new_empty(c, dtype=torch.float64)
+    return x.new_empty(c, dtype=mean.dtype), x.new_empty(c, dtype=mean.dtype)
 
 
 def _grad_input_impl(grad: Tensor, x: Tensor, mean: Tensor, scale: Tensor, shift: Tensor, relu: bool,
@@ -616,7 +624,8 @@ def _sweep(op, impl, x: Tensor, *args):
 
 
 def channel_statistics(x: Tensor) -> Tuple[Tensor, Tensor]:
-    """Per-channel batch ``(mean, biased var)`` of ``x`` (``[N, C, *]``) as float64, in one sweep.
+    """Per-channel batch ``(mean, biased var)`` of ``x`` (``[N, C, *]``) in one sweep, as float64 (float32
+    off the CPU unless ``x`` is float64: see :func:`convbn.functions._conv.channel_dtype`).
 
     Example:
         >>> x = 1000 + torch.randn(8, 3, 4, 4)
@@ -633,9 +642,10 @@ def channel_statistics(x: Tensor) -> Tuple[Tensor, Tensor]:
 # Pure forward / backward, the autograd Function and the functional wrapper.
 # --------------------------------------------------------------------------------------------
 def _scale_shift(weight: Optional[Tensor], bias: Optional[Tensor], invstd: Tensor) -> Tuple[Tensor, Tensor]:
-    """float64 per-channel ``(gamma * invstd, beta)`` of the normalize sweep (and its recomputed ReLU mask)."""
-    scale = invstd if weight is None else weight.to(torch.float64) * invstd
-    shift = torch.zeros_like(invstd) if bias is None else bias.to(torch.float64)
+    """Per-channel ``(gamma * invstd, beta)`` of the normalize sweep (and its recomputed ReLU mask), in
+    ``invstd``'s dtype."""
+    scale = invstd if weight is None else weight.to(invstd.dtype) * invstd
+    shift = torch.zeros_like(invstd) if bias is None else bias.to(invstd.dtype)
     return scale, shift
 
 
@@ -647,10 +657,11 @@ def bn_relu_train_forward(
 
     ``stats``: the batch ``(mean, biased var)`` of ``x`` if already known (ICF: a concatenation's
     statistics are its pieces'), which skips the statistics sweep.
-    Returns ``(out, mean, invstd, var)``; the last three are float64 ``[C]`` (``var`` biased).
+    Returns ``(out, mean, invstd, var)``; the last three are ``[C]`` in the per-channel dtype (float64 on
+    the CPU, float32 elsewhere unless ``x`` is float64; ``var`` biased).
     """
     mean, var = _sweep(_stats_op, _stats_impl, x) if stats is None else (
-        stats[0].to(torch.float64), stats[1].to(torch.float64))
+        stats[0].to(_channel_dtype(x)), stats[1].to(_channel_dtype(x)))
     invstd = torch.rsqrt(var + eps)
     scale, shift = _scale_shift(weight, bias, invstd)
     out = _sweep(_normalize_op, _normalize_impl, x, mean, scale, shift, relu)
@@ -714,9 +725,10 @@ def _fused_path(x: Tensor, params: Sequence[Optional[Tensor]], buffers: Sequence
 
 
 class BNReLUTrainFunction(torch.autograd.Function):
-    """Train-mode BatchNorm (+ReLU) by Fission; returns ``(out, mean, var, invstd)`` (float64, ``var`` biased).
+    """Train-mode BatchNorm (+ReLU) by Fission; returns ``(out, mean, var, invstd)`` (per-channel dtype:
+    float64 on the CPU, float32 elsewhere unless ``x`` is float64; ``var`` biased).
 
-    Saves ``x`` and float64 per-channel vectors (plus the affine parameters, alive anyway) -- not the
+    Saves ``x`` and per-channel vectors (plus the affine parameters, alive anyway) -- not the
     output: the ReLU backward recomputes its mask from ``x``. ``running``: ``(running_mean,
     running_var, factor)`` to update in place in forward (inside the fused eager kernel when it
     applies), or ``None``. ``fused``: the caller's :func:`_fused_path` result for these arguments, if
@@ -901,10 +913,8 @@ def _bn_relu_train(x, weight, bias, running_mean, running_var, num_batches_track
     # As _BatchNorm.forward: the counter first -- also for a call F.batch_norm then rejects
     if num_batches_tracked is not None:
         num_batches_tracked.add_(1)
-        if momentum is None:
-            # compiled: stays a tensor (no .item(), no graph break); float64 like torch's 1.0 / float(n)
-            factor = num_batches_tracked.to(torch.float64).reciprocal() if compiling else \
-                1.0 / float(num_batches_tracked)
+        if momentum is None:  # a tensor off the CPU and when compiled: no host sync, no graph break
+            factor = cumulative_factor(num_batches_tracked)
     if x.numel() == c:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
     if x.numel() == 0:  # an empty batch: PyTorch's empty output, running statistics untouched

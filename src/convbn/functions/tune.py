@@ -217,8 +217,9 @@ def tune_backward(
     Weight route: one ``convolution_backward`` against the refolded ``w'`` gives ``dL/dx``,
     ``dL/dw'`` and ``dL/db'``; then ``dL/dw = s * dL/dw'``. Activation route: one
     ``convolution_backward`` of ``g * s`` against the original ``w`` gives ``dL/dx``, ``dL/dw`` and
-    ``dL/db`` directly; ``dL/dw'`` is recovered as ``dL/dw / s``, so this route is only taken when
-    no channel has ``s == 0`` (a zero-initialized gamma).
+    ``dL/db`` directly; taken here only when no ``gamma``/``beta`` gradient is needed (recovering
+    ``dL/dw'`` as ``dL/dw / s`` would need to know on the host that no ``s`` is 0). Nothing here reads
+    a tensor's values on the host (no sync on an accelerator; tested on ``meta``).
     """
     need_x, need_w, need_b, need_gamma, need_beta = needs
     scale = _scale(gamma, invstd)
@@ -226,27 +227,16 @@ def tune_backward(
     groups, transposed = (1, False) if spec is None else (spec.groups, spec.transposed)
     g = grad_out.to(compute_dtype)
     grad_w = grad_b = grad_gamma = grad_beta = dot = sum_g = None
-    # The activation route recovers dL/dw' = dL/dw / s and sum(g) = dL/db / s, so it needs s != 0
-    # (a zero-initialized gamma breaks it). The check syncs: compiled graphs keep the weight route.
-    # meta tensors and torch.func wrappers have no values to check: the weight route.
-    if need_gamma or need_beta:
-        nonzero = not torch.compiler.is_compiling() and scale.device.type != "meta" and \
-            plain_tensor_values(scale) and bool((scale.abs() > 1e-30).all())
-    else:
-        nonzero = True
+    # The activation route would recover dL/dw' = dL/dw / s and sum(g) = dL/db / s for dgamma/dbeta,
+    # which is exact only where no s is 0 (a zero-initialized gamma). Checking that here would read s on
+    # the host -- a sync per layer on an accelerator -- so this path takes the activation route only when
+    # nothing is recovered (frozen BN affine); the C++ path counts zero scales on the CPU for free.
     # weight route: refold (2W) [+ s * dL/dw' (2W) if need_w]; activation route: g * s (2A)
-    if nonzero and _activation_route(g.numel(), weight, weight_passes=2 if need_w else 1):
+    if not (need_gamma or need_beta) and _activation_route(g.numel(), weight, weight_passes=2 if need_w else 1):
         gs = g * channel_view(scale.to(compute_dtype), g)
-        gx, gw, gb = _layer_backward(gs, x_used, weight.to(compute_dtype), spec,
-                                     [need_x, need_w or need_gamma, need_b or need_gamma or need_beta])
-        gw = None if gw is None else gw.to(fdt)
-        gb = None if gb is None else gb.to(fdt)
-        if need_gamma:
-            dot = _per_channel_dot(gw, weight.to(fdt), spec) / scale
-        if need_gamma or need_beta:
-            sum_g = gb / scale
-        grad_w = gw if need_w else None
-        grad_b = gb if need_b else None
+        gx, gw, gb = _layer_backward(gs, x_used, weight.to(compute_dtype), spec, [need_x, need_w, need_b])
+        grad_w = None if gw is None else gw.to(fdt)
+        grad_b = None if gb is None else gb.to(fdt)
     else:
         w = _folded_weight(weight, scale, spec, compute_dtype)
         mask = [need_x, need_w or need_gamma, need_b or need_gamma or need_beta]
