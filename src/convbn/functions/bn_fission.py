@@ -708,7 +708,7 @@ def _fused_path(x: Tensor, params: Sequence[Optional[Tensor]], buffers: Sequence
     buffers) are contiguous CPU float32/float64 tensors of one dtype; everything else (torch.compile,
     tensor subclasses, other dtypes) takes the per-sweep custom ops.
     """
-    if extension_mode() == "sweeps" or torch.compiler.is_compiling() or type(x) is not Tensor \
+    if torch.compiler.is_compiling() or extension_mode() == "sweeps" or type(x) is not Tensor \
             or not plain_host_tensor(x):
         return None
     args = _kernel_args(x)

@@ -11,6 +11,7 @@ One switch, :func:`use_extension`, chooses for all of convbn's kernels (BN fissi
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import ctypes
 import hashlib
 import os
@@ -30,18 +31,19 @@ CXXFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contrac
 MODES = ("auto", "torch", "extension", "sweeps")
 # "auto": the kernels if they build; "torch": pure-torch paths; "extension": require the kernels;
 # "sweeps": require them, but take the paths torch.compile takes (BN fission: one custom op per sweep;
-# Tune: its torch-op path), for testing those paths eagerly.
-_mode = "auto"
+# Tune: its torch-op path), for testing those paths eagerly. Context-local: a thread (or asyncio task)
+# starts with "auto" and its use_extension never changes another's.
+_MODE: contextvars.ContextVar[str] = contextvars.ContextVar("convbn_extension_mode", default="auto")
 
 
 def extension_mode() -> str:
-    """The current :func:`use_extension` mode."""
-    return _mode
+    """The current :func:`use_extension` mode (of this thread / context)."""
+    return _MODE.get()
 
 
 @contextlib.contextmanager
 def use_extension(mode: str) -> Iterator[None]:
-    """Temporarily choose the implementation of convbn's native kernels.
+    """Temporarily choose the implementation of convbn's native kernels, in this thread (context) only.
 
     Args:
         mode: ``"auto"`` uses the C++ kernels when they build; ``"torch"`` always uses the pure-torch
@@ -54,14 +56,13 @@ def use_extension(mode: str) -> Iterator[None]:
         ...     extension_mode()
         'torch'
     """
-    global _mode
     if mode not in MODES:
         raise ValueError(f"use_extension: mode must be one of {MODES}, got {mode!r}")
-    old, _mode = _mode, mode
+    token = _MODE.set(mode)
     try:
         yield
     finally:
-        _mode = old
+        _MODE.reset(token)
 
 
 def _cache_dir(name: str) -> str:
@@ -129,7 +130,8 @@ class NativeLibrary:
     def get(self) -> Optional[ctypes.CDLL]:
         """The loaded library, or ``None`` (``use_extension("torch")``, or the build failed);
         raises ``RuntimeError`` if ``use_extension`` requires it and it is unavailable."""
-        if _mode == "torch":
+        mode = _MODE.get()
+        if mode == "torch":
             return None
         if not self.tried:
             with self._lock:
@@ -142,7 +144,7 @@ class NativeLibrary:
                                       f"set CXX to fix this.", RuntimeWarning, stacklevel=3)
                         self.lib = None
                     self.tried = True
-        if self.lib is None and _mode in ("extension", "sweeps"):
-            raise RuntimeError(f"convbn: the {self.what} C++ kernel is required (use_extension('{_mode}')) "
+        if self.lib is None and mode in ("extension", "sweeps"):
+            raise RuntimeError(f"convbn: the {self.what} C++ kernel is required (use_extension('{mode}')) "
                                "but could not be built; see the earlier warning.")
         return self.lib

@@ -28,6 +28,7 @@ is most of Tune's overhead over Deploy on a CPU. ``torch.compile``, autocast, ot
 
 from __future__ import annotations
 
+import contextvars
 import ctypes
 from typing import Optional, Sequence, Tuple, Union
 
@@ -66,14 +67,15 @@ def _folded_weight(weight: Tensor, scale: Tensor, spec: Optional[ConvSpec], dtyp
 # scale the output (2A). Backward: refold w' (2W) + in-place s * dL/dw' (2W, when dL/dw is needed) vs
 # scale the gradient (2A); the dgamma dot (2W) is common -- so the activation route wins when A < 2W
 # (A < W with a frozen conv weight). Late layers of a CNN have far larger weights than activations
-# (ResNet-50 layer4 at 112px: 2.4M vs 0.13M).
-_ROUTE = "auto"
+# (ResNet-50 layer4 at 112px: 2.4M vs 0.13M). Context-local, like use_extension: a thread's tune_route
+# never changes another's; compiled graphs always use "auto".
+_ROUTE: contextvars.ContextVar[str] = contextvars.ContextVar("convbn_tune_route", default="auto")
 ROUTES = ("auto", "weight", "activation")
 
 
 class tune_route:
-    """Context manager forcing Tune's route (``"auto"``, ``"weight"`` or ``"activation"``); for tests
-    and benchmarks -- all routes compute the same function and gradients.
+    """Context manager forcing Tune's route (``"auto"``, ``"weight"`` or ``"activation"``) in this thread
+    (context) only; for tests and benchmarks -- all routes compute the same function and gradients.
 
     Example:
         >>> w = torch.empty(8, 8, 3, 3)  # 576 weight elements
@@ -102,13 +104,11 @@ class tune_route:
         self.route = route
 
     def __enter__(self) -> "tune_route":
-        global _ROUTE
-        self.previous, _ROUTE = _ROUTE, self.route
+        self._token = _ROUTE.set(self.route)
         return self
 
     def __exit__(self, *exc) -> None:
-        global _ROUTE
-        _ROUTE = self.previous
+        _ROUTE.reset(self._token)
 
 
 def _output_numel(x: Tensor, weight: Tensor, spec: Optional[ConvSpec]) -> int:
@@ -128,7 +128,8 @@ def _output_numel(x: Tensor, weight: Tensor, spec: Optional[ConvSpec]) -> int:
 def _activation_route(activation_numel: int, weight: Tensor, weight_passes: int = 1) -> bool:
     """Whether to scale activations rather than fold the weight; ``weight_passes``: how many
     weight-sized read+write passes the weight route costs per activation-sized one (see above)."""
-    return _ROUTE == "activation" or (_ROUTE == "auto" and activation_numel < weight_passes * weight.numel())
+    route = "auto" if torch.compiler.is_compiling() else _ROUTE.get()  # (dynamo < 2.14 cannot read a ContextVar)
+    return route == "activation" or (route == "auto" and activation_numel < weight_passes * weight.numel())
 
 
 def _per_channel_dot(a: Tensor, b: Tensor, spec: Optional[ConvSpec]) -> Tensor:
@@ -371,7 +372,7 @@ def _native_path(x: Tensor, weight: Tensor, vectors: Sequence[Optional[Tensor]],
     """``(lib, sfx)`` when the C++ kernels apply (eager, no autocast, a float32/float64 CPU layer that
     is not transposed, contiguous, with per-channel tensors of the weight's dtype; never for ``meta``
     tensors, subclasses or ``torch.func`` wrappers), else ``None``."""
-    if extension_mode() in ("torch", "sweeps") or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or extension_mode() in ("torch", "sweeps"):
         return None
     if (spec is not None and spec.transposed) or not plain_host_tensor(weight) or not plain_host_tensor(x) \
             or weight.dtype not in (torch.float32, torch.float64) or not weight.is_contiguous() \
