@@ -18,7 +18,7 @@ from conftest import randomize_all_bn
 from convbn.functions import _conv
 from convbn.functions._conv import channel_dtype
 from convbn.functions.bn_fission import bn_relu_train, channel_statistics
-from convbn.functions.native import use_extension
+from convbn.ops import use_extension
 
 
 @pytest.mark.parametrize("device", ["cuda", "mps", "meta", "xpu", torch.device("cuda", 1)])

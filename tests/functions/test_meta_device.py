@@ -106,7 +106,7 @@ def test_the_on_device_cumulative_factor_updates_running_stats_like_plain_pytorc
     """momentum=None off the CPU: the factor 1 / num_batches_tracked stays a tensor on the device. Forced
     here on the CPU, the running statistics still follow plain PyTorch's over several steps."""
     from convbn.functions import bn_fission, train_recompute
-    from convbn.functions.native import use_extension
+    from convbn.ops import use_extension
 
     for module in (bn_fission, train_recompute):
         monkeypatch.setattr(module, "cumulative_factor", lambda n: n.to(torch.float64).reciprocal())

@@ -270,7 +270,7 @@ def test_meta_device_forward_and_backward_have_plain_pytorch_shapes(variant):
 def test_torch_func_grad_and_jacrev_wrt_the_input_equal_plain_pytorch_in_every_mode(mode, backend):
     """Every mode under torch.func, on the C++ and the torch-op paths: d(loss)/dx and the Jacobian of
     the output w.r.t. x equal plain PyTorch's (eval's function for eval/tune/deploy, train's else)."""
-    from convbn.functions.native import use_extension
+    from convbn.ops import use_extension
 
     training = mode in ("train", "recompute", "fission")
     ref = block().train(training)
