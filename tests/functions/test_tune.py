@@ -77,7 +77,7 @@ def test_gradcheck_float64(kind, groups, second_order, route):
                                                   layer.transposed, tuple(layer.output_padding), layer.groups)
 
     def fn(x, w, b, gamma, beta):
-        return TuneConvBNFunction.apply(x, w, b, gamma, beta, bn.running_mean, bn.running_var, bn.eps, spec)
+        return TuneConvBNFunction.apply(x, w, b, gamma, beta, bn.running_mean, bn.running_var, bn.eps, spec)[0]
 
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5)
     if second_order:  # backward is built from differentiable ops: double backward (e.g. gradient penalty) works
@@ -320,6 +320,6 @@ def test_tune_ops_pass_opcheck(backend, transposed):
     for activation in (False, True):
         for needs in ((True, True, True, True), (False, False, True, False), (True, False, False, False)):
             cases.append((torch.ops.convbn.tune_epilogue.default,
-                          (gw, gb, w, scale, b, neg_mean, invstd, 2, transposed, activation, *needs)))
+                          (gw.clone(), gb, w, scale, b, neg_mean, invstd, 2, transposed, activation, *needs)))
     for op, args in cases:
         torch.library.opcheck(op, args)

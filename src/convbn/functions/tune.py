@@ -28,13 +28,13 @@ function, differentiable).
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
+from ..fold import scale_weight_per_out_channel
 from ..ops import tune as ops
 from ._conv import ConvSpec, autocast_dtype, channel_view, check_input_dtype, is_functorch_wrapped
 from ._conv import has_values as plain_tensor_values
@@ -165,16 +165,6 @@ def tune_forward(
     return out, x_used, invstd, neg_mean
 
 
-def _running_vectors(weight: Tensor, bias: Optional[Tensor], running_mean: Tensor, running_var: Tensor,
-                     gamma: Optional[Tensor], beta: Optional[Tensor], eps: float, spec: Optional[ConvSpec],
-                     direct: bool) -> Tuple[Tensor, Tensor]:
-    """``(invstd, -running_mean)`` exactly as :func:`tune_forward`'s fold computed them (C-sized work)."""
-    fold = ops.fold_reference if direct else ops.fold
-    _, invstd, neg_mean, _, _ = fold(weight, bias, running_mean, running_var, gamma, beta, float(eps), *_geometry(spec),
-                                     False)
-    return invstd, neg_mean
-
-
 def _layer_backward(g: Tensor, x: Tensor, w: Tensor, spec: Optional[ConvSpec], mask: Sequence[bool]):
     need_x, need_w, need_b = mask
     if spec is None:
@@ -227,11 +217,20 @@ def tune_backward(
         w = (ops.refold_reference if direct else ops.refold)(weight, scale, groups, transposed).to(compute_dtype)
         gx, gw, gb = _layer_backward(g, x_used, w, spec, mask)
         del w
-    epilogue = ops.epilogue_reference if direct else ops.epilogue
-    dw, db, dgamma, dbeta = epilogue(gw, gb, weight, scale, bias, neg_mean, invstd, groups, transposed, activation,
-                                     need_w, need_b, need_gamma, need_beta)
-    if activation:
+    if activation:  # dL/dw and dL/db directly; the epilogue only recovers dgamma/dbeta
         dw, db = gw, gb
+        gw_f = gw.to(scale.dtype) if need_gamma else None
+        scale_w = False
+    else:  # dL/dw' (a fresh tensor, or its copy in the fold dtype) becomes dL/dw in place ...
+        dw = gw_f = None if gw is None else gw.to(scale.dtype)
+        scale_w = need_w and not (direct and torch.is_grad_enabled())  # ... except when it must stay differentiable
+    epilogue = ops.epilogue_reference if direct else ops.epilogue
+    db_, dgamma, dbeta = epilogue(gw_f, gb, weight, scale, bias, neg_mean, invstd, groups, transposed, activation,
+                                  scale_w, need_b, need_gamma, need_beta)
+    if not activation:
+        db = db_
+        if need_w and not scale_w:
+            dw = scale_weight_per_out_channel(gw_f, scale, groups=groups, transposed=transposed)
     return (gx, dw if need_w else None, db if need_b else None, dgamma if need_gamma else None,
             dbeta if need_beta else None)
 
@@ -239,7 +238,9 @@ def tune_backward(
 class TuneConvBNFunction(torch.autograd.Function):
     """Conv/Linear followed by BN-with-running-statistics, folded on the fly.
 
-    Saves ``x``, the layer's weight and bias, ``gamma`` and two ``[C_out]`` vectors; never the conv output nor ``w'``.
+    Returns ``(out, invstd, -running_mean)`` (the last two per-channel, non-differentiable: what backward needs,
+    from the forward's own fold). Saves ``x``, the layer's weight and bias, ``gamma`` and those two ``[C_out]``
+    vectors; never the conv output nor ``w'``.
     Differentiable twice (with ``create_graph=True`` backward runs the ops' references, differentiable torch
     ops), and usable under ``torch.func`` (``grad``, ``jacrev``, ``vmap``: ``forward`` + ``setup_context``, a
     generated vmap rule; ``torch.func``'s wrapped tensors run the references).
@@ -255,22 +256,21 @@ class TuneConvBNFunction(torch.autograd.Function):
         direct = _wrapped(x, weight, bias, gamma, beta, running_mean, running_var)
         if act is not None:
             with torch.autocast(x.device.type, enabled=False):
-                return tune_forward(x, weight, bias, running_mean, running_var, gamma, beta, eps, spec,
-                                    compute_dtype, direct)[0]
-        return tune_forward(x, weight, bias, running_mean, running_var, gamma, beta, eps, spec, compute_dtype,
-                            direct)[0]
+                out, _, invstd, neg_mean = tune_forward(x, weight, bias, running_mean, running_var, gamma, beta, eps,
+                                                        spec, compute_dtype, direct)
+        else:
+            out, _, invstd, neg_mean = tune_forward(x, weight, bias, running_mean, running_var, gamma, beta, eps, spec,
+                                                    compute_dtype, direct)
+        return out, invstd, neg_mean
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        # What backward needs besides the inputs is per-channel (C-sized) work, recomputed here
-        # exactly as forward computed it; x_used is x itself unless autocast casts it.
+        # x_used is x itself unless autocast casts it
         x, weight, bias, gamma, beta, running_mean, running_var, eps, spec = inputs
+        _, invstd, neg_mean = output
+        ctx.mark_non_differentiable(invstd, neg_mean)
         act = autocast_dtype(x.device.type)
         compute_dtype = act if act is not None else weight.dtype
-        direct = _wrapped(x, weight, bias, gamma, beta, running_mean, running_var)
-        with torch.no_grad():
-            invstd, neg_mean = _running_vectors(weight, bias, running_mean, running_var, gamma, beta, eps, spec,
-                                                direct)
         x_used = x if x.dtype == compute_dtype else x.to(compute_dtype)
         ctx.save_for_backward(x_used, weight, bias, gamma, invstd, neg_mean)
         ctx.spec, ctx.compute_dtype = spec, compute_dtype
@@ -278,15 +278,13 @@ class TuneConvBNFunction(torch.autograd.Function):
                       None if gamma is None else gamma.dtype, None if beta is None else beta.dtype)
 
     @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
+    def backward(ctx, grad_out, _grad_invstd, _grad_neg_mean):  # type: ignore[override]
         x_used, weight, bias, gamma, invstd, neg_mean = ctx.saved_tensors
         needs = ctx.needs_input_grad[:5]
         # create_graph: the references (differentiable torch ops); torch.func wrappers: the references too
         direct = torch.is_grad_enabled() or _wrapped(grad_out, x_used, weight)
-        with torch.autocast(grad_out.device.type, enabled=False) if autocast_dtype(grad_out.device.type) else \
-                contextlib.nullcontext():
-            grads = tune_backward(grad_out, x_used, weight, bias, gamma, invstd, neg_mean, ctx.spec,
-                                  ctx.compute_dtype, needs, direct)
+        grads = tune_backward(grad_out, x_used, weight, bias, gamma, invstd, neg_mean, ctx.spec, ctx.compute_dtype,
+                              needs, direct)
         grads = tuple(None if g is None else g.to(dt) for g, dt in zip(grads, ctx.dtypes))
         return grads + (None, None, None, None)
 
@@ -342,4 +340,5 @@ def tune_conv_bn(
         n = weight.dim() - 2
         spec = ConvSpec(_tuple(stride, n), _tuple(padding, n), _tuple(dilation, n), bool(transposed),
                         _tuple(output_padding, n), int(groups))
-    return TuneConvBNFunction.apply(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, float(eps), spec)
+    return TuneConvBNFunction.apply(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, float(eps),
+                                    spec)[0]
