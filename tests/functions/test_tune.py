@@ -320,6 +320,6 @@ def test_tune_ops_pass_opcheck(backend, transposed):
     for activation in (False, True):
         for needs in ((True, True, True, True), (False, False, True, False), (True, False, False, False)):
             cases.append((torch.ops.convbn.tune_epilogue.default,
-                          (gw.clone(), gb, w, scale, b, neg_mean, invstd, 2, transposed, activation, *needs)))
+                          (gw, gb, w, scale, b, neg_mean, invstd, 2, transposed, activation, *needs)))
     for op, args in cases:
         torch.library.opcheck(op, args)

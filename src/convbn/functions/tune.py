@@ -34,7 +34,6 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from ..fold import scale_weight_per_out_channel
 from ..ops import tune as ops
 from ._conv import ConvSpec, autocast_dtype, channel_view, check_input_dtype, is_functorch_wrapped
 from ._conv import has_values as plain_tensor_values
@@ -217,20 +216,11 @@ def tune_backward(
         w = (ops.refold_reference if direct else ops.refold)(weight, scale, groups, transposed).to(compute_dtype)
         gx, gw, gb = _layer_backward(g, x_used, w, spec, mask)
         del w
-    if activation:  # dL/dw and dL/db directly; the epilogue only recovers dgamma/dbeta
-        dw, db = gw, gb
-        gw_f = gw.to(scale.dtype) if need_gamma else None
-        scale_w = False
-    else:  # dL/dw' (a fresh tensor, or its copy in the fold dtype) becomes dL/dw in place ...
-        dw = gw_f = None if gw is None else gw.to(scale.dtype)
-        scale_w = need_w and not (direct and torch.is_grad_enabled())  # ... except when it must stay differentiable
     epilogue = ops.epilogue_reference if direct else ops.epilogue
-    db_, dgamma, dbeta = epilogue(gw_f, gb, weight, scale, bias, neg_mean, invstd, groups, transposed, activation,
-                                  scale_w, need_b, need_gamma, need_beta)
-    if not activation:
-        db = db_
-        if need_w and not scale_w:
-            dw = scale_weight_per_out_channel(gw_f, scale, groups=groups, transposed=transposed)
+    dw, db, dgamma, dbeta = epilogue(gw, gb, weight, scale, bias, neg_mean, invstd, groups, transposed, activation,
+                                     need_w, need_b, need_gamma, need_beta)
+    if activation:  # dL/dw and dL/db are the layer's own gradients; the epilogue recovered dgamma/dbeta
+        dw, db = gw, gb
     return (gx, dw if need_w else None, db if need_b else None, dgamma if need_gamma else None,
             dbeta if need_beta else None)
 

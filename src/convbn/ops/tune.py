@@ -5,14 +5,13 @@
   invstd``, ``b' = (b - mean) * scale + beta`` and, if ``fold_weight``, ``w' = w * scale`` (else ``w'`` is
   empty).
 * ``convbn::tune_refold(weight, scale, groups, transposed) -> w'``.
-* ``convbn::tune_epilogue(grad_w!, grad_b, weight, scale, bias, neg_mean, invstd, groups, transposed,
-  activation, need_w, need_b, need_gamma, need_beta) -> (db, dgamma, dbeta)``: from the layer's gradients
-  (in the fold dtype) against ``w'`` (``activation=False``: ``dL/dw'``, ``dL/db'``) or against ``w`` with the
-  output gradient scaled by ``s`` (``activation=True``: ``dL/dw``, ``dL/db``; only valid when no ``s`` is 0),
+* ``convbn::tune_epilogue(grad_w, grad_b, weight, scale, bias, neg_mean, invstd, groups, transposed,
+  activation, need_w, need_b, need_gamma, need_beta) -> (dw, db, dgamma, dbeta)``: from the layer's
+  gradients against ``w'`` (``activation=False``: ``dL/dw'``, ``dL/db'``) or against ``w`` with the output
+  gradient scaled by ``s`` (``activation=True``: ``dL/dw``, ``dL/db``; only valid when no ``s`` is 0),
   ``dgamma = invstd * (sum(dL/dw' * w) + sum_g * (b - mean))``, ``dbeta = sum_g`` and, with
-  ``activation=False``, ``db = s * sum_g`` and (``need_w``) ``grad_w`` scaled *in place* to ``dL/dw = s *
-  dL/dw'`` after the dot has read it -- a weight-sized buffer fewer per layer. With ``activation=True``,
-  ``dL/dw`` and ``dL/db`` are ``grad_w`` and ``grad_b`` themselves (``db`` is then empty); outputs not needed
+  ``activation=False``, ``dw = s * dL/dw'``, ``db = s * sum_g`` (with ``activation=True`` they are ``grad_w``
+  and ``grad_b`` themselves, which the caller already has: ``dw``/``db`` are then empty); outputs not needed
   are empty.
 
 Per-channel vectors are in the fold dtype, float32 (float64 stays float64) on every device. The CPU
@@ -162,71 +161,70 @@ def per_channel_dot(a: Tensor, b: Tensor, groups: int, transposed: bool) -> Tens
     return sum_per_out_channel(a * b, groups=groups, transposed=True)
 
 
-def _scale_in_place(t: Tensor, scale: Tensor, groups: int, transposed: bool) -> Tensor:
-    if not transposed:
-        return t.mul_(scale.reshape((-1,) + (1,) * (t.dim() - 1)))
-    return t.copy_(scale_weight_per_out_channel(t, scale, groups=groups, transposed=True))
-
-
 def epilogue_reference(grad_w: Optional[Tensor], grad_b: Optional[Tensor], weight: Tensor, scale: Tensor,
                        bias: Optional[Tensor], neg_mean: Tensor, invstd: Tensor, groups: int, transposed: bool,
                        activation: bool, need_w: bool, need_b: bool, need_gamma: bool,
-                       need_beta: bool) -> Tuple[Tensor, Tensor, Tensor]:
+                       need_beta: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     fdt = scale.dtype
+    gw = None if grad_w is None else grad_w.to(fdt)
     gb = None if grad_b is None else grad_b.to(fdt)
-    db, dgamma, dbeta = (weight.new_empty(0, dtype=fdt) for _ in range(3))  # (outputs never alias)
+    dw, db, dgamma, dbeta = (weight.new_empty(0, dtype=fdt) for _ in range(4))  # (outputs never alias)
     sum_g = dot = None
-    if activation:  # grad_w = dL/dw = s * dL/dw', grad_b = dL/db = s * sum_g (the caller's dL/dw, dL/db)
+    if activation:  # gw = dL/dw = s * dL/dw', gb = dL/db = s * sum_g (dw, db: the caller's grad_w, grad_b)
         if need_gamma:
-            dot = per_channel_dot(grad_w, weight.to(fdt), groups, transposed) / scale
+            dot = per_channel_dot(gw, weight.to(fdt), groups, transposed) / scale
         if need_gamma or need_beta:
             sum_g = gb / scale
-    else:  # grad_w = dL/dw', grad_b = dL/db' = sum_g
+    else:  # gw = dL/dw', gb = dL/db' = sum_g
         sum_g = gb
         if need_gamma:
-            dot = per_channel_dot(grad_w, weight.to(fdt), groups, transposed)
-        if need_w:  # dL/dw = s * dL/dw', in place, after the dot above has read dL/dw'
-            _scale_in_place(grad_w, scale, groups, transposed)
+            dot = per_channel_dot(gw, weight.to(fdt), groups, transposed)
+        if need_w:
+            dw = scale_weight_per_out_channel(gw, scale, groups=groups, transposed=transposed)
         if need_b:
             db = sum_g * scale
     if need_gamma:
         dgamma = invstd * (dot + sum_g * (neg_mean if bias is None else bias.to(fdt) + neg_mean))
     if need_beta:
         dbeta = sum_g.clone() if sum_g is grad_b else sum_g  # (an op's output never aliases its input)
-    return db, dgamma, dbeta
+    return dw, db, dgamma, dbeta
 
 
 def _epilogue_cpu(grad_w, grad_b, weight, scale, bias, neg_mean, invstd, groups, transposed, activation, need_w,
                   need_b, need_gamma, need_beta):
-    if grad_b is not None and weight.dtype == scale.dtype:
-        grad_b = grad_b.to(weight.dtype)
+    if weight.dtype == scale.dtype:  # (under autocast the layer's gradients are in the autocast dtype)
+        grad_w = None if grad_w is None else grad_w.to(weight.dtype)
+        grad_b = None if grad_b is None else grad_b.to(weight.dtype)
     k = _kernel(weight, transposed, scale, bias, neg_mean, invstd, grad_b, grad_w)
-    if k is None:  # (a non-contiguous grad_w too: the kernel scales it in place)
+    if k is None:
         return epilogue_reference(grad_w, grad_b, weight, scale, bias, neg_mean, invstd, groups, transposed,
                                   activation, need_w, need_b, need_gamma, need_beta)
     lib, sfx = k
     c = weight.shape[0]
-    scale_w, need_b = need_w and not activation, need_b and not activation
+    gw = None if grad_w is None else grad_w.contiguous()
+    need_w, need_b = need_w and not activation, need_b and not activation
+    dw = torch.empty_like(weight) if need_w else None
     dgamma = weight.new_empty(c) if need_gamma else None
     dbeta = weight.new_empty(c) if need_beta else None
     db = weight.new_empty(c) if need_b else None
     getattr(lib, f"tune_epilogue_{sfx}")(
-        _ptr(grad_w), _ptr(grad_w) if scale_w else None, weight.data_ptr(), c, weight.numel() // c, scale.data_ptr(),
-        int(activation), int(scale_w), _ptr(grad_b), _ptr(bias), neg_mean.data_ptr(), invstd.data_ptr(),
-        _ptr(dgamma), _ptr(dbeta), _ptr(db), threads(weight.numel()))
-    return tuple(weight.new_empty(0) if t is None else t for t in (db, dgamma, dbeta))
+        _ptr(gw), _ptr(dw), weight.data_ptr(), c, weight.numel() // c, scale.data_ptr(), int(activation),
+        int(need_w), _ptr(grad_b), _ptr(bias), neg_mean.data_ptr(), invstd.data_ptr(), _ptr(dgamma), _ptr(dbeta),
+        _ptr(db), threads(weight.numel()))
+    return tuple(weight.new_empty(0) if t is None else t for t in (dw, db, dgamma, dbeta))
 
 
 def _epilogue_fake(grad_w, grad_b, weight, scale, bias, neg_mean, invstd, groups, transposed, activation, need_w,
                    need_b, need_gamma, need_beta):
     fdt = scale.dtype
     c = scale.shape[0]
-    return (weight.new_empty(c if need_b and not activation else 0, dtype=fdt),
+    return (torch.empty_like(weight, dtype=fdt) if need_w and not activation else weight.new_empty(0, dtype=fdt),
+            weight.new_empty(c if need_b and not activation else 0, dtype=fdt),
             weight.new_empty(c if need_gamma else 0, dtype=fdt),
             weight.new_empty(c if need_beta else 0, dtype=fdt))
 
 
 epilogue = define_op(
-    "tune_epilogue(Tensor(a!)? grad_w, Tensor? grad_b, Tensor weight, Tensor scale, Tensor? bias, Tensor neg_mean, "
+    "tune_epilogue(Tensor? grad_w, Tensor? grad_b, Tensor weight, Tensor scale, Tensor? bias, Tensor neg_mean, "
     "Tensor invstd, int groups, bool transposed, bool activation, bool need_w, bool need_b, bool need_gamma, "
-    "bool need_beta) -> (Tensor, Tensor, Tensor)", epilogue_reference, _epilogue_cpu, _epilogue_fake)
+    "bool need_beta) -> (Tensor, Tensor, Tensor, Tensor)", epilogue_reference, _epilogue_cpu, _epilogue_fake)
