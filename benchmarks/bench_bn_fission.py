@@ -4,7 +4,7 @@ Variants (all fwd+bwd, the running statistics updated each call):
   eager           torch.relu(nn.BatchNorm2d(x))
   compiled        torch.compile (default mode) of the same
   convbn          convbn.functions.bn_fission.bn_relu_train (C++ kernel)
-  convbn_compiled torch.compile of bn_relu_train (the custom ops stay opaque)
+  convbn_compiled torch.compile of bn_relu_train (the convbn::bn_fission_* ops stay opaque: the same kernel)
 
 Each variant runs in its own process (``convbn.bench.timing.isolated_interleaved_timings``: variants sharing a
 process share its allocator and each other's page faults); each round runs every variant once in a shuffled
@@ -36,7 +36,7 @@ import torch  # noqa: E402
 
 from convbn.bench.timing import isolated_interleaved_timings  # noqa: E402
 from convbn.functions import bn_fission  # noqa: E402
-from convbn.functions.native import build_library  # noqa: E402
+from convbn.ops import bn_fission as fission_ops  # noqa: E402
 
 SHAPES = [(32, 256, 28, 28), (32, 128, 56, 56), (32, 512, 14, 14)]  # DenseNet-121 block 2/1/3 widths
 
@@ -122,7 +122,7 @@ def extension_build_seconds() -> float:
         os.environ["TORCH_EXTENSIONS_DIR"] = tmp
         try:
             t0 = time.perf_counter()
-            build_library(bn_fission._LIB.name, bn_fission._LIB.source, bn_fission._LIB.argtypes)
+            fission_ops.LIB.build()
             return time.perf_counter() - t0
         finally:
             if old is None:

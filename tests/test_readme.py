@@ -68,6 +68,7 @@ def test_wheel_ships_the_library_only(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     modules = [n for n in names if n.endswith(".py")]
     assert "convbn/api.py" in modules and "convbn/cli/main.py" in modules and "convbn/bench/timing.py" in modules
+    assert "convbn/ops/csrc/tune.cpp" in names and "convbn/ops/csrc/bn_fission.cpp" in names  # the kernels' sources
     assert all(n.startswith("convbn/") for n in modules), modules
     for banned in ("experiments", "models/", "mobilenet", "data.py", "results_md", "transfer", "adversarial",
                    "appendix_m", "sweep", "tests/", "benchmarks/"):

@@ -1,8 +1,8 @@
 """bn_relu_train must equal nn.BatchNorm{1,2,3}d (train) + ReLU: outputs, gradients, running stats.
 
-Every comparison runs on all three implementations: the C++ kernel's fused eager entry points
-("extension"), its per-sweep custom ops as torch.compile calls them ("sweeps"), and the pure-torch
-fallback ("torch").
+Every comparison runs on both implementations of the convbn::bn_fission_* ops: the C++ kernel (their
+CPU implementation, "extension") and their reference in torch ops (what other devices run, "torch").
+Eager mode and torch.compile call the same ops.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from convbn.functions import bn_fission
 from convbn.functions.bn_fission import BNReLUTrainFunction, bn_relu_train, use_extension
 
-BACKENDS = ["extension", "sweeps", "torch"]
+BACKENDS = ["extension", "torch"]
 HAS_CXX = shutil.which(os.environ.get("CXX", "c++")) is not None
 
 
@@ -295,9 +295,9 @@ def test_extension_builds_here():
 def test_degrades_gracefully_when_build_fails(monkeypatch, tmp_path):
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    monkeypatch.setattr(bn_fission._LIB, "lib", None)
-    monkeypatch.setattr(bn_fission._LIB, "tried", False)
-    with pytest.warns(RuntimeWarning, match="pure-torch path"):
+    monkeypatch.setattr(bn_fission.ops.LIB, "lib", None)
+    monkeypatch.setattr(bn_fission.ops.LIB, "tried", False)
+    with pytest.warns(RuntimeWarning, match="pure-torch reference"):
         assert not bn_fission.extension_available()
     torch.manual_seed(8)
     _compare_steps((3, 5, 4, 4), "channels_last", True, None, True, True, steps=2)
@@ -334,17 +334,20 @@ def test_torch_compile_fullgraph(backend):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_custom_ops_pass_opcheck(backend, layout):
     """Schemas and fake kernels are what torch.compile relies on."""
+    ops = bn_fission.ops
     x = _input((2, 3, 4, 5), layout)
     g = torch.randn_like(x)
     mean = torch.randn(3, dtype=torch.float64)
     v = torch.rand(3, dtype=torch.float64) + 0.5
-    cases = [
-        (bn_fission._stats_op, (x,)),
-        (bn_fission._normalize_op, (x, mean, v, mean, True)),
-        (bn_fission._grad_sums_op, (g, x, mean, v, mean, True)),
-        (bn_fission._grad_sums_op, (g, x, mean, v, mean, False)),
-        (bn_fission._grad_input_op, (g, x, mean, v, mean, True, v, v, mean)),
-        (bn_fission._grad_input_op, (g, x, mean, v, mean, False, v, v, mean)),
-    ]
+    w, b = torch.rand(3) + 0.5, torch.randn(3)
+    cases = [(ops.stats, (x,))]
+    for relu in (True, False):
+        cases += [
+            (ops.forward, (x, w, b, None, None, None, None, 0.0, 1e-5, relu)),
+            (ops.forward, (x, None, None, mean, v, torch.zeros(3), torch.ones(3), 0.1, 1e-5, relu)),
+            (ops.backward, (g, x, w, b, mean, v, relu, True, True, True)),
+            (ops.backward, (g, x, None, None, mean, v, relu, True, False, False)),
+            (ops.backward, (g, x, w, b, mean, v, relu, False, True, False)),
+        ]
     for op, args in cases:
         torch.library.opcheck(op, args)

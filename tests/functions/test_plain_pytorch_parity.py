@@ -263,3 +263,32 @@ def test_meta_device_forward_and_backward_have_plain_pytorch_shapes(variant):
     ref_grads = torch.autograd.grad(ref_out.sum(), [x] + list(ref.parameters()))
     for a, b in zip(grads, ref_grads):
         assert a.device.type == "meta" and a.shape == b.shape and a.dtype == b.dtype
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("mode", ["eval", "tune", "deploy", "train", "recompute", "fission"])
+def test_torch_func_grad_and_jacrev_wrt_the_input_equal_plain_pytorch_in_every_mode(mode, backend):
+    """Every mode under torch.func, on the C++ and the torch-op paths: d(loss)/dx and the Jacobian of
+    the output w.r.t. x equal plain PyTorch's (eval's function for eval/tune/deploy, train's else)."""
+    from convbn.ops import use_extension
+
+    training = mode in ("train", "recompute", "fission")
+    ref = block().train(training)
+    if mode in ("recompute", "fission", "tune"):
+        model = converted(ref, mode)
+    elif mode == "deploy":
+        model = convbn.deploy(copy.deepcopy(ref))
+    else:
+        model = convbn.convert(copy.deepcopy(ref), mode)
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    results = []
+    for m in (model, ref):
+        params, buffers = _state(m)
+
+        def f(xi, m=m, params=params, buffers=buffers):
+            return torch.func.functional_call(m, (params, {k: v.clone() for k, v in buffers.items()}), (xi,))
+
+        with use_extension(backend):
+            results.append((torch.func.grad(lambda xi: f(xi).square().sum())(x), torch.func.jacrev(f)(x)))
+    for got, want, what in zip(results[0], results[1], ("grad", "jacrev")):
+        assert_close_rel(got, want, 1e-10, f"{mode} {what}")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import assert_close_rel
-from convbn.functions.native import use_extension
+from convbn.ops import use_extension
 from convbn.functions.tune import ConvSpec, TuneConvBNFunction, tune_conv_bn, tune_route
 from convbn.bench.memory import saved_tensor_bytes
 from layer_cases import block_params, make_block
@@ -26,9 +26,9 @@ def _params(layer, bn):
 
 
 ROUTES = ["weight", "activation"]
-# "extension": the C++ kernels (eager float32/float64, not transposed); "sweeps": the torch-op path
-# that torch.compile, autocast and other dtypes take.
-BACKENDS = ["extension", "sweeps"]
+# The two implementations of the convbn::tune_* ops: "extension", the C++ kernels (their CPU implementation:
+# float32/float64, not transposed); "torch", their references in torch ops (other devices, other dtypes).
+BACKENDS = ["extension", "torch"]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -77,7 +77,7 @@ def test_gradcheck_float64(kind, groups, second_order, route):
                                                   layer.transposed, tuple(layer.output_padding), layer.groups)
 
     def fn(x, w, b, gamma, beta):
-        return TuneConvBNFunction.apply(x, w, b, gamma, beta, bn.running_mean, bn.running_var, bn.eps, spec)
+        return TuneConvBNFunction.apply(x, w, b, gamma, beta, bn.running_mean, bn.running_var, bn.eps, spec)[0]
 
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5)
     if second_order:  # backward is built from differentiable ops: double backward (e.g. gradient penalty) works
@@ -207,50 +207,72 @@ def test_auto_mixes_routes_when_activation_is_between_one_and_two_weights(freeze
     assert decisions == [False, not freeze_weight]  # forward folds; backward scales g iff dL/dw is needed
 
 
-def _native_used(out) -> bool:
-    return out.grad_fn.native is not None  # a custom Function's grad_fn is its ctx
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Which of the tune ops' CPU implementations ran the C++ kernel (True) or the reference (False)."""
+    from convbn.ops import tune as tune_ops
+
+    calls = []
+    real = tune_ops._kernel
+    monkeypatch.setattr(tune_ops, "_kernel", lambda *a: calls.append(real(*a)) or calls[-1])
+    return calls
 
 
-def test_native_path_applies_exactly_where_documented():
-    from convbn.functions.native import use_extension as use
-    from convbn.functions.tune import _native_path
+def _native_used(calls, fn, first_only=False) -> bool:
+    """Run ``fn``; whether every tune op it called (or only the first: the forward's fold) ran the C++ kernel
+    (``False`` if none did)."""
+    del calls[:]
+    fn()
+    assert calls, "no tune op ran on the CPU"
+    used = {c is not None for c in (calls[:1] if first_only else calls)}
+    assert len(used) == 1, "some ops of one call ran the kernel and some the reference"
+    return used.pop()
+
+
+def test_native_path_applies_exactly_where_documented(kernel_calls):
+    from convbn.ops import tune as tune_ops
 
     cases = {}
     for kind in ("Conv2d", "Conv1d", "Conv3d", "Linear", "ConvTranspose2d"):
         layer, bn, x = make_block(kind, True, True, 1)
         cases[kind] = (layer, bn.eval(), x)
-    with use("extension"):
+
+    def fwd_bwd(layer, bn, x):
+        return lambda: _tune_call(layer, bn, x.requires_grad_(True)).float().sum().backward()
+
+    with use_extension("extension"):
         for kind, (layer, bn, x) in cases.items():
-            out = _tune_call(layer, bn, x.requires_grad_(True))
-            assert _native_used(out) == (kind != "ConvTranspose2d"), kind
-            out.sum().backward()
+            assert _native_used(kernel_calls, fwd_bwd(layer, bn, x)) == (kind != "ConvTranspose2d"), kind
         layer, bn, x = cases["Conv2d"]
-        assert _native_used(_tune_call(copy.deepcopy(layer).double(), copy.deepcopy(bn).double(), x.double()))
-        # other dtypes, autocast, mixed parameter dtypes, non-contiguous weights: the torch-op path
-        assert not _native_used(_tune_call(copy.deepcopy(layer).to(torch.bfloat16),
-                                           copy.deepcopy(bn).to(torch.bfloat16), x.to(torch.bfloat16)))
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert not _native_used(_tune_call(layer, bn, x))
-        assert not _native_used(_tune_call(layer, copy.deepcopy(bn).double().float().double(), x))
+        assert _native_used(kernel_calls, fwd_bwd(copy.deepcopy(layer).double(), copy.deepcopy(bn).double(),
+                                                   x.detach().double()))
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the fold is float32 under autocast: the kernel's
+            assert _native_used(kernel_calls, fwd_bwd(layer, bn, x))
+        # other dtypes, mixed parameter dtypes, non-contiguous weights: the reference
+        assert not _native_used(kernel_calls, fwd_bwd(copy.deepcopy(layer).to(torch.bfloat16),
+                                                      copy.deepcopy(bn).to(torch.bfloat16),
+                                                      x.detach().to(torch.bfloat16)))
+        # (a float64 BN on a float32 conv: the fold's inputs mix dtypes; backward's refold/epilogue get float32
+        # vectors and may run the kernel)
+        assert not _native_used(kernel_calls, fwd_bwd(layer, copy.deepcopy(bn).double(), x), first_only=True)
         w = layer.weight.detach().transpose(2, 3)
-        assert _native_path(x, w, (), ConvSpec((1, 1), (1, 1), (1, 1), False, (0, 0), 1)) is None
-    for mode in ("torch", "sweeps"):
-        with use(mode):
-            assert not _native_used(_tune_call(layer, bn, x))
+        assert tune_ops._kernel(w, False) is None
+    with use_extension("torch"):
+        assert not _native_used(kernel_calls, fwd_bwd(layer, bn, x))
 
 
 @pytest.mark.parametrize("kind,bias,affine,groups", [("Conv2d", True, True, 1), ("Conv2d", False, False, 1),
                                                      ("Conv1d", True, True, 2), ("Linear", False, True, 1)])
 @pytest.mark.parametrize("route_name", ROUTES)
 def test_native_path_matches_torch_op_path(kind, bias, affine, groups, route_name):
-    """The C++ kernels and the torch-op path compute the same function and gradients (float32, to
+    """The C++ kernels and the references compute the same function and gradients (float32, to
     rounding of invstd); the kernel's scale is gamma * invstd rounded once, bit for bit."""
-    from convbn.functions.tune import _native_forward, _native_path, _scale
+    from convbn.functions.tune import _scale
 
     layer, bn, x = make_block(kind, bias, affine, groups)
     bn.eval()
     results = []
-    for mode in ("extension", "sweeps"):
+    for mode in ("extension", "torch"):
         xi = x.clone().requires_grad_(True)
         with use_extension(mode), tune_route(route_name):
             out = _tune_call(layer, bn, xi)
@@ -259,15 +281,11 @@ def test_native_path_matches_torch_op_path(kind, bias, affine, groups, route_nam
     for a, b in zip(*results):
         assert_close_rel(a, b, 2e-6)
     gamma = bn.weight if affine else None
-    spec = None if kind == "Linear" else ConvSpec(tuple(layer.stride), tuple(layer.padding), tuple(layer.dilation),
-                                                  False, tuple(layer.output_padding), layer.groups)
-    vectors = (layer.bias, gamma, bn.bias if affine else None, bn.running_mean, bn.running_var)
-    native = _native_path(x, layer.weight, vectors, spec)
-    assert native is not None
-    with torch.no_grad():
-        _, _, invstd, _, scale, zeros = _native_forward(native, x, layer.weight, layer.bias, bn.running_mean,
-                                                        bn.running_var, gamma, vectors[2], bn.eps, spec)
-    assert torch.equal(scale, _scale(gamma, invstd)) and zeros == 0
+    with torch.no_grad(), use_extension("extension"):
+        _, invstd, _, scale, _ = torch.ops.convbn.tune_fold(layer.weight, layer.bias, bn.running_mean,
+                                                            bn.running_var, gamma, bn.bias if affine else None,
+                                                            bn.eps, groups, False, False)
+    assert torch.equal(scale, _scale(gamma, invstd))
     torch.testing.assert_close(invstd, torch.rsqrt(bn.running_var + bn.eps), rtol=2e-7, atol=0)
 
 
@@ -277,10 +295,31 @@ def test_native_backward_with_create_graph_stays_differentiable():
     ref_layer, ref_bn = copy.deepcopy(layer), copy.deepcopy(bn)
     with use_extension("extension"):
         out = _tune_call(layer, bn, x)
-        assert _native_used(out)
         (gw,) = torch.autograd.grad(out.square().sum(), [layer.weight], create_graph=True)
         gw.square().sum().backward()
     (gw_ref,) = torch.autograd.grad(ref_bn(ref_layer(x)).square().sum(), [ref_layer.weight], create_graph=True)
     gw_ref.square().sum().backward()
     assert_close_rel(gw, gw_ref, 2e-5)
     assert_close_rel(bn.weight.grad, ref_bn.weight.grad, 1e-4)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_tune_ops_pass_opcheck(backend, transposed):
+    """Schemas and fake kernels are what torch.compile relies on (the same ops run eagerly)."""
+    kind = "ConvTranspose2d" if transposed else "Conv2d"
+    layer, bn, _ = make_block(kind, True, True, 2)
+    w, b = layer.weight.detach(), layer.bias.detach()
+    rm, rv, gamma, beta = bn.running_mean, bn.running_var, bn.weight.detach(), bn.bias.detach()
+    c = rm.shape[0]
+    scale, invstd, neg_mean = gamma * torch.rsqrt(rv + bn.eps), torch.rsqrt(rv + bn.eps), -rm
+    gw, gb = torch.randn_like(w), torch.randn(c)
+    cases = [(torch.ops.convbn.tune_fold.default, (w, b, rm, rv, gamma, beta, bn.eps, 2, transposed, fold))
+             for fold in (True, False)]
+    cases.append((torch.ops.convbn.tune_fold.default, (w, None, rm, rv, None, None, bn.eps, 2, transposed, True)))
+    cases.append((torch.ops.convbn.tune_refold.default, (w, scale, 2, transposed)))
+    for activation in (False, True):
+        for needs in ((True, True, True, True), (False, False, True, False), (True, False, False, False)):
+            cases.append((torch.ops.convbn.tune_epilogue.default,
+                          (gw, gb, w, scale, b, neg_mean, invstd, 2, transposed, activation, *needs)))
+    for op, args in cases:
+        torch.library.opcheck(op, args)

@@ -11,10 +11,10 @@ import torch
 import convbn
 from convbn.errors import ConvBNError
 
-from . import bench, inspect_cmd, run_default
+from . import bench, build_kernels, inspect_cmd, run_default
 from .options import CLIError, HelpFormatter
 
-SUBCOMMANDS = (run_default, bench, inspect_cmd)
+SUBCOMMANDS = (run_default, bench, inspect_cmd, build_kernels)
 
 DESCRIPTION = """\
 convbn: Train / Eval / Tune / Deploy modes of Conv->BatchNorm blocks (arXiv 2305.11624), on your model.
@@ -28,6 +28,7 @@ examples:
   convbn inspect torchvision:resnet50          # what convert() would do, block by block, with reasons
   convbn inspect mypkg.nets:build --input-size 128 --channels 1
   convbn bench timm:efficientnet_b0 --input-size 128   # every mode on your model: memory, time, error
+  convbn build-kernels                         # compile the C++ kernels ahead of time (images, clusters)
   convbn COMMAND --help                        # options and more examples
 """
 

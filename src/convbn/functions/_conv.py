@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from ..errors import ConvBNError
 
-__all__ = ["ConvSpec", "autocast_dtype", "layer", "channel_view", "threads", "ptr", "plain_host_tensor",
+__all__ = ["ConvSpec", "channel_dtype", "FLOAT64_DEVICES", "autocast_dtype", "layer", "channel_view", "threads", "ptr",
+           "plain_host_tensor",
            "InputDTypeError", "check_input_dtype", "has_values", "is_functorch_wrapped", "is_batched",
-           "TorchFuncBufferError", "running_stats_update"]
+           "TorchFuncBufferError", "running_stats_update", "cumulative_factor"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,27 @@ class ConvSpec:
     transposed: bool
     output_padding: Tuple[int, ...]
     groups: int
+
+
+# Devices whose per-channel arithmetic (BN statistics, scales, gradient sums) runs in float64: on a CPU
+# it costs nothing measurable on [C]-sized vectors; consumer GPUs run float64 at 1/32-1/64 rate and MPS
+# has none, so everywhere else it is float32 accumulation. (Tests empty this to run the float32 path on
+# the CPU.)
+FLOAT64_DEVICES = ("cpu",)
+
+
+def channel_dtype(device: Union[torch.device, str], dtype: torch.dtype) -> torch.dtype:
+    """The dtype of per-channel math for data of ``dtype`` on ``device``: float64 on the CPU or for
+    float64 data, float32 everywhere else (never float64 on an accelerator).
+
+    Example:
+        >>> channel_dtype(torch.device("cpu"), torch.float32), channel_dtype("cuda", torch.bfloat16)
+        (torch.float64, torch.float32)
+        >>> channel_dtype("mps", torch.float32), channel_dtype("cuda", torch.float64)
+        (torch.float32, torch.float64)
+    """
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    return torch.float64 if dtype == torch.float64 or device_type in FLOAT64_DEVICES else torch.float32
 
 
 def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
@@ -152,3 +174,21 @@ def running_stats_update(who: str) -> Iterator[None]:
             "torch.func.grad(lambda p, b: loss(functional_call(model, (p, b), x)))(params, buffers); or use "
             "mode 'eval'/'tune', BatchNorm(track_running_stats=False) or "
             "torch.func.replace_all_batch_norm_modules_") from None
+
+
+def cumulative_factor(num_batches_tracked: Tensor) -> Union[float, Tensor]:
+    """``1 / num_batches_tracked``, ``_BatchNorm.forward``'s factor for ``momentum=None``: a Python float
+    where reading the counter costs nothing (an eager CPU tensor: plain PyTorch's ``1.0 / float(n)``
+    bit for bit), else a 0-d tensor on the counter's device -- no host sync on an accelerator, no graph
+    break under ``torch.compile`` (float64 on the CPU, float32 elsewhere).
+
+    Example:
+        >>> cumulative_factor(torch.tensor(4))
+        0.25
+        >>> cumulative_factor(torch.tensor(4, device="meta")).shape
+        torch.Size([])
+    """
+    if num_batches_tracked.device.type == "cpu" and not torch.compiler.is_compiling() \
+            and not is_functorch_wrapped(num_batches_tracked):
+        return 1.0 / float(num_batches_tracked)
+    return num_batches_tracked.to(channel_dtype(num_batches_tracked.device, torch.float32)).reciprocal()

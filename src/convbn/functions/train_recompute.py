@@ -51,13 +51,14 @@ from __future__ import annotations
 
 import contextlib
 import numbers
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from ..errors import ConvBNError
-from ._conv import ConvSpec, autocast_dtype, check_input_dtype, is_batched, is_functorch_wrapped, running_stats_update
+from ._conv import (ConvSpec, autocast_dtype, check_input_dtype, cumulative_factor, is_batched, is_functorch_wrapped,
+                    running_stats_update)
 from ._conv import layer as _layer
 
 __all__ = [
@@ -106,10 +107,11 @@ def batch_statistics(y: Tensor) -> Tuple[Tensor, Tensor]:
     return mean, var
 
 
-def update_factor_(num_batches_tracked: Optional[Tensor], momentum: Optional[float]) -> float:
+def update_factor_(num_batches_tracked: Optional[Tensor], momentum: Optional[float]) -> Union[float, Tensor]:
     """``_BatchNorm.forward``'s running-average factor: increments ``num_batches_tracked`` (if given)
     first, then returns ``momentum`` or, when ``momentum is None``, ``1 / num_batches_tracked`` (``0``
-    without a counter, as in PyTorch).
+    without a counter, as in PyTorch) -- a float, or a 0-d tensor when reading the counter would be a
+    host sync (off the CPU; see :func:`convbn.functions._conv.cumulative_factor`).
 
     Example:
         >>> nbt = torch.tensor(3)
@@ -121,7 +123,7 @@ def update_factor_(num_batches_tracked: Optional[Tensor], momentum: Optional[flo
         with torch.no_grad():
             num_batches_tracked.add_(1)
         if momentum is None:
-            factor = 1.0 / float(num_batches_tracked)
+            factor = cumulative_factor(num_batches_tracked)
     return factor
 
 
@@ -149,8 +151,12 @@ def update_running_stats_(
     factor = update_factor_(num_batches_tracked, momentum)
     with torch.no_grad():
         unbiased = var * (count / (count - 1))
-        running_mean.mul_(1.0 - factor).add_(mean.to(running_mean.dtype), alpha=factor)
-        running_var.mul_(1.0 - factor).add_(unbiased.to(running_var.dtype), alpha=factor)
+        if isinstance(factor, Tensor):
+            running_mean.lerp_(mean.to(running_mean.dtype), factor.to(running_mean.dtype))
+            running_var.lerp_(unbiased.to(running_var.dtype), factor.to(running_var.dtype))
+        else:
+            running_mean.mul_(1.0 - factor).add_(mean.to(running_mean.dtype), alpha=factor)
+            running_var.mul_(1.0 - factor).add_(unbiased.to(running_var.dtype), alpha=factor)
 
 
 def one_value_per_channel_error(y: Tensor) -> ValueError:
@@ -187,8 +193,24 @@ def recompute_forward(
         raise one_value_per_channel_error(y)
     if y.numel() == 0:
         return torch.empty_like(y)
-    out = torch.ops.aten.native_batch_norm(y, gamma, beta, running_mean, running_var, True, factor, eps)[0]
+    if isinstance(factor, Tensor) and running_mean is not None:
+        out = _batch_norm_with_tensor_factor(y, gamma, beta, running_mean, running_var, factor, eps)
+    else:
+        out = torch.ops.aten.native_batch_norm(y, gamma, beta, running_mean, running_var, True, factor, eps)[0]
     return out.relu_() if relu else out
+
+
+def _batch_norm_with_tensor_factor(y: Tensor, gamma: Optional[Tensor], beta: Optional[Tensor], running_mean: Tensor,
+                                   running_var: Tensor, factor: Tensor, eps: float) -> Tensor:
+    """``native_batch_norm`` in training with a factor only known on the device (``momentum=None`` off the
+    CPU): the kernel writes its own batch mean and unbiased variance into zeroed buffers (momentum 1),
+    which are then averaged in with the factor as a tensor -- no host sync."""
+    batch_mean, batch_var = torch.zeros_like(running_mean), torch.zeros_like(running_var)
+    out = torch.ops.aten.native_batch_norm(y, gamma, beta, batch_mean, batch_var, True, 1.0, eps)[0]
+    with torch.no_grad():
+        running_mean.lerp_(batch_mean, factor.to(running_mean.dtype))
+        running_var.lerp_(batch_var, factor.to(running_var.dtype))
+    return out
 
 
 def recompute_backward(

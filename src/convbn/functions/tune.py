@@ -18,42 +18,32 @@ backward. Its bytes saved for backward therefore equal Deploy's. The backward is
 The fold is computed in float32 (float64 stays float64) and cast once to the compute dtype, which
 is the autocast dtype when autocast is active (so bf16 autocast never folds in bf16).
 
-In eager mode, for float32/float64 CPU layers (not transposed, no autocast), a small C++ kernel (see
-:mod:`convbn.functions.native`) does the per-channel arithmetic and the fold in one call per
-direction, and in backward reads ``dL/dw'`` once for both the ``dgamma`` dot and ``dL/dw = s * dL/dw'``
--- the torch-op path costs about twenty small ops and three weight-sized passes more per layer, which
-is most of Tune's overhead over Deploy on a CPU. ``torch.compile``, autocast, other dtypes and
-``use_extension("torch"|"sweeps")`` take the torch-op path (same function, same saved tensors).
+The per-channel fold, the weight refold and the backward epilogue are ``convbn::tune_*`` ops
+(:mod:`convbn.ops.tune`): eager and ``torch.compile`` call the same ops, whose CPU implementation is a small
+C++ kernel (per-channel math and fold in one call per direction; in backward ``dL/dw'`` is read once for
+both the ``dgamma`` dot and ``dL/dw = s * dL/dw'``) and whose reference, in torch ops, runs on every other
+device. ``torch.func``'s wrapped tensors and ``create_graph=True`` call the references directly (the same
+function, differentiable).
 """
 
 from __future__ import annotations
 
-import ctypes
+import contextvars
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from ..fold import scale_weight_per_out_channel, sum_per_out_channel
-from ._conv import ConvSpec, autocast_dtype, channel_view, check_input_dtype, plain_host_tensor, ptr, threads
+from ..ops import tune as ops
+from ._conv import ConvSpec, autocast_dtype, channel_view, check_input_dtype, is_functorch_wrapped
 from ._conv import has_values as plain_tensor_values
 from ._conv import layer as _layer
-from .native import NativeLibrary, extension_mode
 
 __all__ = ["ConvSpec", "TuneConvBNFunction", "tune_conv_bn", "tune_forward", "tune_backward", "tune_route"]
 
 
-def _fold_dtype(weight: Tensor) -> torch.dtype:
-    return torch.promote_types(torch.float32, weight.dtype)
-
-
 def _scale(gamma: Optional[Tensor], invstd: Tensor) -> Tensor:
     return invstd if gamma is None else gamma.to(invstd.dtype) * invstd
-
-
-def _folded_weight(weight: Tensor, scale: Tensor, spec: Optional[ConvSpec], dtype: torch.dtype) -> Tensor:
-    groups, transposed = (1, False) if spec is None else (spec.groups, spec.transposed)
-    return scale_weight_per_out_channel(weight.to(scale.dtype), scale, groups=groups, transposed=transposed).to(dtype)
 
 
 # Two exact ways to apply the BN's per-channel scale s (paper Sec. 3.2.2: the affine map commutes
@@ -66,14 +56,15 @@ def _folded_weight(weight: Tensor, scale: Tensor, spec: Optional[ConvSpec], dtyp
 # scale the output (2A). Backward: refold w' (2W) + in-place s * dL/dw' (2W, when dL/dw is needed) vs
 # scale the gradient (2A); the dgamma dot (2W) is common -- so the activation route wins when A < 2W
 # (A < W with a frozen conv weight). Late layers of a CNN have far larger weights than activations
-# (ResNet-50 layer4 at 112px: 2.4M vs 0.13M).
-_ROUTE = "auto"
+# (ResNet-50 layer4 at 112px: 2.4M vs 0.13M). Context-local, like use_extension: a thread's tune_route
+# never changes another's; compiled graphs always use "auto".
+_ROUTE: contextvars.ContextVar[str] = contextvars.ContextVar("convbn_tune_route", default="auto")
 ROUTES = ("auto", "weight", "activation")
 
 
 class tune_route:
-    """Context manager forcing Tune's route (``"auto"``, ``"weight"`` or ``"activation"``); for tests
-    and benchmarks -- all routes compute the same function and gradients.
+    """Context manager forcing Tune's route (``"auto"``, ``"weight"`` or ``"activation"``) in this thread
+    (context) only; for tests and benchmarks -- all routes compute the same function and gradients.
 
     Example:
         >>> w = torch.empty(8, 8, 3, 3)  # 576 weight elements
@@ -102,13 +93,11 @@ class tune_route:
         self.route = route
 
     def __enter__(self) -> "tune_route":
-        global _ROUTE
-        self.previous, _ROUTE = _ROUTE, self.route
+        self._token = _ROUTE.set(self.route)
         return self
 
     def __exit__(self, *exc) -> None:
-        global _ROUTE
-        _ROUTE = self.previous
+        _ROUTE.reset(self._token)
 
 
 def _output_numel(x: Tensor, weight: Tensor, spec: Optional[ConvSpec]) -> int:
@@ -128,16 +117,18 @@ def _output_numel(x: Tensor, weight: Tensor, spec: Optional[ConvSpec]) -> int:
 def _activation_route(activation_numel: int, weight: Tensor, weight_passes: int = 1) -> bool:
     """Whether to scale activations rather than fold the weight; ``weight_passes``: how many
     weight-sized read+write passes the weight route costs per activation-sized one (see above)."""
-    return _ROUTE == "activation" or (_ROUTE == "auto" and activation_numel < weight_passes * weight.numel())
+    route = "auto" if torch.compiler.is_compiling() else _ROUTE.get()  # (dynamo < 2.14 cannot read a ContextVar)
+    return route == "activation" or (route == "auto" and activation_numel < weight_passes * weight.numel())
 
 
-def _per_channel_dot(a: Tensor, b: Tensor, spec: Optional[ConvSpec]) -> Tensor:
-    """``sum(a * b)`` per output channel of two weight-shaped tensors, without materializing ``a * b``
-    where the layout allows (one batched GEMV)."""
-    if spec is None or not spec.transposed:
-        c = a.shape[0]
-        return torch.bmm(a.reshape(c, 1, -1), b.reshape(c, -1, 1)).reshape(c)
-    return sum_per_out_channel(a * b, groups=spec.groups, transposed=True)
+def _geometry(spec: Optional[ConvSpec]) -> Tuple[int, bool]:
+    return (1, False) if spec is None else (spec.groups, spec.transposed)
+
+
+def _wrapped(*tensors: Optional[Tensor]) -> bool:
+    """``torch.func`` wrappers (``vmap``'s batched tensors, nested transforms' tensors): the ops' kernels
+    cannot read them, so the references (the same function, in torch ops) are called directly."""
+    return any(t is not None and is_functorch_wrapped(t) for t in tensors)
 
 
 def tune_forward(
@@ -151,36 +142,26 @@ def tune_forward(
     eps: float,
     spec: Optional[ConvSpec],
     compute_dtype: torch.dtype,
+    direct: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """``bn_eval(layer(x))`` by folding. Returns ``(out, x_used, invstd, neg_mean)``; the last three
     are what backward needs (``x_used`` is ``x`` cast to ``compute_dtype``, usually ``x`` itself;
-    ``neg_mean`` is a float32 copy of ``-running_mean``)."""
-    invstd, neg_mean = _running_vectors(weight, running_mean, running_var, eps)
-    fdt = invstd.dtype
-    scale = _scale(gamma, invstd)
-    folded_bias = _bias_minus_mean(bias, neg_mean) * scale
-    if beta is not None:
-        folded_bias = folded_bias + beta.to(fdt)
+    ``neg_mean`` is ``-running_mean`` in the fold dtype). ``direct``: call the ops' references."""
+    groups, transposed = _geometry(spec)
+    activation = _activation_route(_output_numel(x, weight, spec), weight)
+    fold = ops.fold_reference if direct else ops.fold
+    w, invstd, neg_mean, scale, folded_bias = fold(weight, bias, running_mean, running_var, gamma, beta, float(eps),
+                                                   groups, transposed, not activation)
     x_used = x.to(compute_dtype)
     b = folded_bias.to(compute_dtype)
-    if _activation_route(_output_numel(x, weight, spec), weight):
+    if activation:
         out = _layer(x_used, weight.to(compute_dtype), None, spec)
         s = channel_view(scale.to(compute_dtype), out)
         out = torch.addcmul(channel_view(b, out), out, s, out=out) if plain_tensor_values(out) else \
             out * s + channel_view(b, out)
     else:
-        out = _layer(x_used, _folded_weight(weight, scale, spec, compute_dtype), b, spec)
+        out = _layer(x_used, w.to(compute_dtype), b, spec)
     return out, x_used, invstd, neg_mean
-
-
-def _running_vectors(weight: Tensor, running_mean: Tensor, running_var: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
-    """``(invstd, -running_mean)`` in the fold dtype (float32, float64 stays float64)."""
-    fdt = _fold_dtype(weight)
-    return torch.rsqrt(running_var.to(fdt) + eps), -running_mean.to(fdt)
-
-
-def _bias_minus_mean(bias: Optional[Tensor], neg_mean: Tensor) -> Tensor:
-    return neg_mean if bias is None else bias.to(neg_mean.dtype) + neg_mean
 
 
 def _layer_backward(g: Tensor, x: Tensor, w: Tensor, spec: Optional[ConvSpec], mask: Sequence[bool]):
@@ -191,13 +172,6 @@ def _layer_backward(g: Tensor, x: Tensor, w: Tensor, spec: Optional[ConvSpec], m
     return torch.ops.aten.convolution_backward(
         g, x, w, [c_out], spec.stride, spec.padding, spec.dilation, spec.transposed,
         spec.output_padding, spec.groups, [need_x, need_w, need_b])
-
-
-def _scale_in_place(t: Tensor, scale: Tensor, spec: Optional[ConvSpec]) -> Tensor:
-    groups, transposed = (1, False) if spec is None else (spec.groups, spec.transposed)
-    if not transposed:
-        return t.mul_(scale.reshape((-1,) + (1,) * (t.dim() - 1)))
-    return scale_weight_per_out_channel(t, scale, groups=groups, transposed=True)
 
 
 def tune_backward(
@@ -211,266 +185,55 @@ def tune_backward(
     spec: Optional[ConvSpec],
     compute_dtype: torch.dtype,
     needs: Sequence[bool],
+    direct: bool = False,
 ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """Gradients ``(x, weight, bias, gamma, beta)`` of :func:`tune_forward`; ``needs`` masks them.
 
     Weight route: one ``convolution_backward`` against the refolded ``w'`` gives ``dL/dx``,
-    ``dL/dw'`` and ``dL/db'``; then ``dL/dw = s * dL/dw'``. Activation route: one
-    ``convolution_backward`` of ``g * s`` against the original ``w`` gives ``dL/dx``, ``dL/dw`` and
-    ``dL/db`` directly; ``dL/dw'`` is recovered as ``dL/dw / s``, so this route is only taken when
-    no channel has ``s == 0`` (a zero-initialized gamma).
+    ``dL/dw'`` and ``dL/db'``; then the epilogue gives ``dL/dw = s * dL/dw'`` and the affine gradients.
+    Activation route: one ``convolution_backward`` of ``g * s`` against the original ``w`` gives ``dL/dx``,
+    ``dL/dw`` and ``dL/db`` directly; for ``dgamma``/``dbeta`` the epilogue recovers ``dL/dw' = dL/dw / s``,
+    so with those needed this route is only taken where it is known for free that no ``s`` is 0 (a
+    zero-initialized gamma): on the CPU in eager mode. Elsewhere nothing reads a tensor's values on the
+    host (no sync on an accelerator; tested on ``meta``).
     """
     need_x, need_w, need_b, need_gamma, need_beta = needs
     scale = _scale(gamma, invstd)
-    fdt = scale.dtype
-    groups, transposed = (1, False) if spec is None else (spec.groups, spec.transposed)
+    groups, transposed = _geometry(spec)
     g = grad_out.to(compute_dtype)
-    grad_w = grad_b = grad_gamma = grad_beta = dot = sum_g = None
-    # The activation route recovers dL/dw' = dL/dw / s and sum(g) = dL/db / s, so it needs s != 0
-    # (a zero-initialized gamma breaks it). The check syncs: compiled graphs keep the weight route.
-    # meta tensors and torch.func wrappers have no values to check: the weight route.
-    if need_gamma or need_beta:
-        nonzero = not torch.compiler.is_compiling() and scale.device.type != "meta" and \
-            plain_tensor_values(scale) and bool((scale.abs() > 1e-30).all())
-    else:
-        nonzero = True
+    recover = need_gamma or need_beta
+    # reading s on the host is free for an eager CPU tensor, and a sync (or a graph break) anywhere else
+    free_read = scale.device.type == "cpu" and not direct and not torch.compiler.is_compiling()
+    may_recover = free_read and bool((scale.abs() > 1e-30).all())
     # weight route: refold (2W) [+ s * dL/dw' (2W) if need_w]; activation route: g * s (2A)
-    if nonzero and _activation_route(g.numel(), weight, weight_passes=2 if need_w else 1):
-        gs = g * channel_view(scale.to(compute_dtype), g)
-        gx, gw, gb = _layer_backward(gs, x_used, weight.to(compute_dtype), spec,
-                                     [need_x, need_w or need_gamma, need_b or need_gamma or need_beta])
-        gw = None if gw is None else gw.to(fdt)
-        gb = None if gb is None else gb.to(fdt)
-        if need_gamma:
-            dot = _per_channel_dot(gw, weight.to(fdt), spec) / scale
-        if need_gamma or need_beta:
-            sum_g = gb / scale
-        grad_w = gw if need_w else None
-        grad_b = gb if need_b else None
-    else:
-        w = _folded_weight(weight, scale, spec, compute_dtype)
-        mask = [need_x, need_w or need_gamma, need_b or need_gamma or need_beta]
-        gx, gwf, gbf = _layer_backward(g, x_used, w, spec, mask)
-        del w
-        gwf = None if gwf is None else gwf.to(fdt)
-        sum_g = None if gbf is None else gbf.to(fdt)
-        if need_gamma:
-            dot = _per_channel_dot(gwf, weight.to(fdt), spec)
-        if need_w:  # dL/dw = s * dL/dw', in place on the fresh dL/dw' (after the dot above has read it)
-            grad_w = _scale_in_place(gwf, scale, spec) if not torch.is_grad_enabled() else \
-                scale_weight_per_out_channel(gwf, scale, groups=groups, transposed=transposed)
-        if need_b:
-            grad_b = sum_g * scale
-    if need_gamma:
-        grad_gamma = invstd * (dot + sum_g * _bias_minus_mean(bias, neg_mean))
-    if need_beta:
-        grad_beta = sum_g
-    return gx, grad_w, grad_b, grad_gamma, grad_beta
-
-
-# --------------------------------------------------------------------------------------------
-# Eager fast path: the per-channel math, the fold and the weight-gradient epilogue in C++.
-# Weights are [C_out, K] rows (conv, not transposed, or Linear); per-channel vectors share the
-# weight's dtype. invstd is computed in double and rounded once (the torch-op path's float rsqrt
-# may differ by an ulp); scale = gamma * invstd is one rounded product on both paths.
-# --------------------------------------------------------------------------------------------
-_CPP_SOURCE = r"""
-#include <stdint.h>
-#include <math.h>
-
-namespace {
-// The folded weight wout = w * scale, row by row.
-template <typename T>
-void refold(const T* w, T* wout, int64_t C, int64_t K, const T* scale, int nt) {
-#pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t c = 0; c < C; ++c) {
-    const T s = scale[c];
-    const T* src = w + c * K;
-    T* dst = wout + c * K;
-#pragma omp simd
-    for (int64_t k = 0; k < K; ++k) dst[k] = src[k] * s;
-  }
-}
-
-// Per-channel invstd, -mean, scale = gamma * invstd, folded bias = (bias - mean) * scale + beta; and,
-// if wout, the folded weight wout = w * scale. Returns how many channels have |scale| <= 1e-30.
-template <typename T>
-int fold(const T* w, T* wout, int64_t C, int64_t K, const T* rm, const T* rv, const T* gamma, const T* beta,
-         const T* bias, double eps, T* invstd, T* neg_mean, T* scale, T* fbias, int nt) {
-  int zeros = 0;
-  for (int64_t c = 0; c < C; ++c) {
-    T is = (T)(1.0 / sqrt((double)rv[c] + eps));
-    T s = gamma ? (T)(gamma[c] * is) : is;
-    T nm = -rm[c];
-    T fb = (bias ? (T)(bias[c] + nm) : nm) * s;
-    invstd[c] = is; neg_mean[c] = nm; scale[c] = s; fbias[c] = beta ? (T)(fb + beta[c]) : fb;
-    zeros += fabs((double)s) <= 1e-30;
-  }
-  if (wout) refold(w, wout, C, K, scale, nt);
-  return zeros;
-}
-
-// The backward epilogue. gw: dL/dw' (weight route; scaled in place to dL/dw if need_w) or dL/dw
-// (activation route: dL/dw' = dL/dw / s). gsum: dL/db' (weight route) or dL/db (activation route).
-// dgamma = invstd * (sum(dL/dw' * w) + sum_g * (bias - mean)), dbeta = sum_g, dbias = s * sum_g.
-template <typename T>
-void epilogue(T* gw, const T* w, int64_t C, int64_t K, const T* scale, int act, int need_w, const T* gsum,
-              const T* bias, const T* neg_mean, const T* invstd, T* ggamma, T* gbeta, T* gbias, int nt) {
-  const bool scale_w = gw && need_w && !act;
-#pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t c = 0; c < C; ++c) {
-    const T s = scale[c];
-    double dot = 0.0;
-    if (gw && ggamma) {
-      T* r = gw + c * K;
-      const T* wr = w + c * K;
-      if (scale_w) {
-#pragma omp simd reduction(+ : dot)
-        for (int64_t k = 0; k < K; ++k) { dot += (double)r[k] * (double)wr[k]; r[k] = r[k] * s; }
-      } else {
-#pragma omp simd reduction(+ : dot)
-        for (int64_t k = 0; k < K; ++k) dot += (double)r[k] * (double)wr[k];
-      }
-    } else if (scale_w) {
-      T* r = gw + c * K;
-#pragma omp simd
-      for (int64_t k = 0; k < K; ++k) r[k] = r[k] * s;
-    }
-    if (!gsum) continue;
-    const T sg = act ? (T)(gsum[c] / s) : gsum[c];
-    if (ggamma) {
-      const T d = act ? (T)(dot / (double)s) : (T)dot;
-      ggamma[c] = invstd[c] * (T)(d + sg * (bias ? (T)(bias[c] + neg_mean[c]) : neg_mean[c]));
-    }
-    if (gbeta) gbeta[c] = sg;
-    if (gbias) gbias[c] = act ? gsum[c] : (T)(sg * s);
-  }
-}
-}  // namespace
-
-#define CONVBN_TUNE_EXPORT(T, SFX)                                                                     \
-  extern "C" int tune_fold_##SFX(const T* w, T* wout, int64_t C, int64_t K, const T* rm, const T* rv,  \
-                                 const T* gamma, const T* beta, const T* bias, double eps, T* invstd,  \
-                                 T* neg_mean, T* scale, T* fbias, int nt) {                            \
-    return fold<T>(w, wout, C, K, rm, rv, gamma, beta, bias, eps, invstd, neg_mean, scale, fbias, nt); }\
-  extern "C" void tune_refold_##SFX(const T* w, T* wout, int64_t C, int64_t K, const T* scale, int nt) { \
-    refold<T>(w, wout, C, K, scale, nt); }                                                             \
-  extern "C" void tune_epilogue_##SFX(T* gw, const T* w, int64_t C, int64_t K, const T* scale, int act, \
-                                      int need_w, const T* gsum, const T* bias, const T* neg_mean,     \
-                                      const T* invstd, T* ggamma, T* gbeta, T* gbias, int nt) {        \
-    epilogue<T>(gw, w, C, K, scale, act, need_w, gsum, bias, neg_mean, invstd, ggamma, gbeta, gbias, nt); }
-CONVBN_TUNE_EXPORT(float, f32)
-CONVBN_TUNE_EXPORT(double, f64)
-"""
-
-
-def _argtypes() -> dict:
-    p, i64, i32, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
-    types = {}
-    for sfx in ("f32", "f64"):
-        types[f"tune_fold_{sfx}"] = [p, p, i64, i64, p, p, p, p, p, f64, p, p, p, p, i32]
-        types[f"tune_refold_{sfx}"] = [p, p, i64, i64, p, i32]
-        types[f"tune_epilogue_{sfx}"] = [p, p, i64, i64, p, i32, i32, p, p, p, p, p, p, p, i32]
-    return types
-
-
-_LIB = NativeLibrary("tune", _CPP_SOURCE, _argtypes(), "Tune")
-
-
-def _native_path(x: Tensor, weight: Tensor, vectors: Sequence[Optional[Tensor]], spec: Optional[ConvSpec]):
-    """``(lib, sfx)`` when the C++ kernels apply (eager, no autocast, a float32/float64 CPU layer that
-    is not transposed, contiguous, with per-channel tensors of the weight's dtype; never for ``meta``
-    tensors, subclasses or ``torch.func`` wrappers), else ``None``."""
-    if extension_mode() in ("torch", "sweeps") or torch.compiler.is_compiling():
-        return None
-    if (spec is not None and spec.transposed) or not plain_host_tensor(weight) or not plain_host_tensor(x) \
-            or weight.dtype not in (torch.float32, torch.float64) or not weight.is_contiguous() \
-            or weight.numel() == 0 or autocast_dtype(x.device.type) is not None:
-        return None
-    for t in vectors:
-        if t is not None and (not plain_host_tensor(t) or t.dtype != weight.dtype or not t.is_contiguous()):
-            return None
-    lib = _LIB.get()
-    return None if lib is None else (lib, "f32" if weight.dtype == torch.float32 else "f64")
-
-
-def _native_vectors(native, weight: Tensor, bias: Optional[Tensor], running_mean: Tensor, running_var: Tensor,
-                    gamma: Optional[Tensor], beta: Optional[Tensor], eps: float) -> Tuple[Tensor, Tensor, int]:
-    """The kernel's per-channel ``(invstd, neg_mean, zeros)`` without the fold (``C``-sized work): what
-    backward needs, bit for bit as :func:`_native_forward` computed them."""
-    lib, sfx = native
-    c = weight.shape[0]
-    invstd, neg_mean, scale, folded_bias = (weight.new_empty(c) for _ in range(4))
-    zeros = getattr(lib, f"tune_fold_{sfx}")(
-        weight.data_ptr(), None, c, weight.numel() // c, running_mean.data_ptr(), running_var.data_ptr(),
-        ptr(gamma), ptr(beta), ptr(bias), float(eps), invstd.data_ptr(), neg_mean.data_ptr(), scale.data_ptr(),
-        folded_bias.data_ptr(), 1)
-    return invstd, neg_mean, zeros
-
-
-def _native_forward(native, x: Tensor, weight: Tensor, bias: Optional[Tensor], running_mean: Tensor,
-                    running_var: Tensor, gamma: Optional[Tensor], beta: Optional[Tensor], eps: float,
-                    spec: Optional[ConvSpec]):
-    """:func:`tune_forward` by the C++ kernels; also returns ``scale`` and how many channels have
-    ``scale == 0`` (which rules out the activation route in backward). The kernel's ``scale`` is
-    ``gamma * invstd`` rounded once, as backward's :func:`_scale` recomputes it, bit for bit."""
-    lib, sfx = native
-    c = weight.shape[0]
-    k = weight.numel() // c
-    invstd, neg_mean, scale, folded_bias = (weight.new_empty(c) for _ in range(4))
-    x_used = x.to(weight.dtype)
-    activation = _activation_route(_output_numel(x, weight, spec), weight)
-    w = None if activation else torch.empty_like(weight)
-    zeros = getattr(lib, f"tune_fold_{sfx}")(
-        weight.data_ptr(), ptr(w), c, k, running_mean.data_ptr(), running_var.data_ptr(), ptr(gamma),
-        ptr(beta), ptr(bias), float(eps), invstd.data_ptr(), neg_mean.data_ptr(), scale.data_ptr(),
-        folded_bias.data_ptr(), threads(weight.numel()))
-    if activation:
-        out = _layer(x_used, weight, None, spec)
-        out = torch.addcmul(channel_view(folded_bias, out), out, channel_view(scale, out), out=out)
-    else:
-        out = _layer(x_used, w, folded_bias, spec)
-    return out, x_used, invstd, neg_mean, scale, zeros
-
-
-def _native_backward(native, grad_out: Tensor, x_used: Tensor, weight: Tensor, bias: Optional[Tensor],
-                     invstd: Tensor, neg_mean: Tensor, scale: Tensor, zeros: int, spec: Optional[ConvSpec],
-                     needs: Sequence[bool]):
-    """:func:`tune_backward` by the C++ kernels (not differentiable: only without ``create_graph``)."""
-    lib, sfx = native
-    need_x, need_w, need_b, need_gamma, need_beta = needs
-    c = weight.shape[0]
-    k = weight.numel() // c
-    g = grad_out.to(weight.dtype)
-    mask = [need_x, need_w or need_gamma, need_b or need_gamma or need_beta]
-    activation = (zeros == 0 or not (need_gamma or need_beta)) and \
+    activation = (not recover or may_recover) and \
         _activation_route(g.numel(), weight, weight_passes=2 if need_w else 1)
+    mask = [need_x, need_w or need_gamma, need_b or recover]
     if activation:
-        gx, gw, gb = _layer_backward(g * channel_view(scale, g), x_used, weight, spec, mask)
+        gx, gw, gb = _layer_backward(g * channel_view(scale.to(compute_dtype), g), x_used, weight.to(compute_dtype),
+                                     spec, mask)
     else:
-        w = torch.empty_like(weight)
-        getattr(lib, f"tune_refold_{sfx}")(weight.data_ptr(), w.data_ptr(), c, k, scale.data_ptr(),
-                                            threads(weight.numel()))
+        w = (ops.refold_reference if direct else ops.refold)(weight, scale, groups, transposed).to(compute_dtype)
         gx, gw, gb = _layer_backward(g, x_used, w, spec, mask)
         del w
-    gw = None if gw is None else gw.contiguous()
-    ggamma = weight.new_empty(c) if need_gamma else None
-    gbeta = weight.new_empty(c) if need_beta else None
-    gbias = weight.new_empty(c) if need_b else None
-    getattr(lib, f"tune_epilogue_{sfx}")(
-        ptr(gw), weight.data_ptr(), c, k, scale.data_ptr(), int(activation), int(need_w), ptr(gb), ptr(bias),
-        neg_mean.data_ptr(), invstd.data_ptr(), ptr(ggamma), ptr(gbeta), ptr(gbias),
-        threads(weight.numel()))
-    return gx, gw if need_w else None, gbias, ggamma, gbeta
+    epilogue = ops.epilogue_reference if direct else ops.epilogue
+    dw, db, dgamma, dbeta = epilogue(gw, gb, weight, scale, bias, neg_mean, invstd, groups, transposed, activation,
+                                     need_w, need_b, need_gamma, need_beta)
+    if activation:  # dL/dw and dL/db are the layer's own gradients; the epilogue recovered dgamma/dbeta
+        dw, db = gw, gb
+    return (gx, dw if need_w else None, db if need_b else None, dgamma if need_gamma else None,
+            dbeta if need_beta else None)
 
 
 class TuneConvBNFunction(torch.autograd.Function):
     """Conv/Linear followed by BN-with-running-statistics, folded on the fly.
 
-    Saves ``x``, the layer's weight and bias, ``gamma`` and two ``[C_out]`` vectors; never the conv output nor ``w'``.
-    Differentiable twice (backward is built from differentiable ops), and usable under ``torch.func``
-    (``grad``, ``jacrev``, ``vmap``: ``forward`` + ``setup_context``, a generated vmap rule; the C++
-    kernels are skipped for ``torch.func``'s wrapped tensors).
+    Returns ``(out, invstd, -running_mean)`` (the last two per-channel, non-differentiable: what backward needs,
+    from the forward's own fold). Saves ``x``, the layer's weight and bias, ``gamma`` and those two ``[C_out]``
+    vectors; never the conv output nor ``w'``.
+    Differentiable twice (with ``create_graph=True`` backward runs the ops' references, differentiable torch
+    ops), and usable under ``torch.func`` (``grad``, ``jacrev``, ``vmap``: ``forward`` + ``setup_context``, a
+    generated vmap rule; ``torch.func``'s wrapped tensors run the references).
     """
 
     generate_vmap_rule = True
@@ -479,48 +242,39 @@ class TuneConvBNFunction(torch.autograd.Function):
     def forward(x, weight, bias, gamma, beta, running_mean, running_var, eps, spec):  # type: ignore[override]
         act = autocast_dtype(x.device.type)
         check_input_dtype("tune", x, weight, act)
-        native = _native_path(x, weight, (bias, gamma, beta, running_mean, running_var), spec)
-        if native is not None:
-            return _native_forward(native, x, weight, bias, running_mean, running_var, gamma, beta, eps, spec)[0]
         compute_dtype = act if act is not None else weight.dtype
+        direct = _wrapped(x, weight, bias, gamma, beta, running_mean, running_var)
         if act is not None:
             with torch.autocast(x.device.type, enabled=False):
-                return tune_forward(x, weight, bias, running_mean, running_var, gamma, beta, eps, spec,
-                                    compute_dtype)[0]
-        return tune_forward(x, weight, bias, running_mean, running_var, gamma, beta, eps, spec, compute_dtype)[0]
+                out, _, invstd, neg_mean = tune_forward(x, weight, bias, running_mean, running_var, gamma, beta, eps,
+                                                        spec, compute_dtype, direct)
+        else:
+            out, _, invstd, neg_mean = tune_forward(x, weight, bias, running_mean, running_var, gamma, beta, eps, spec,
+                                                    compute_dtype, direct)
+        return out, invstd, neg_mean
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        # What backward needs besides the inputs is per-channel (C-sized) work, recomputed here
-        # exactly as forward computed it; x_used is x itself unless autocast casts it.
+        # x_used is x itself unless autocast casts it
         x, weight, bias, gamma, beta, running_mean, running_var, eps, spec = inputs
+        _, invstd, neg_mean = output
+        ctx.mark_non_differentiable(invstd, neg_mean)
         act = autocast_dtype(x.device.type)
-        native = _native_path(x, weight, (bias, gamma, beta, running_mean, running_var), spec)
-        with torch.no_grad():
-            if native is not None:
-                invstd, neg_mean, zeros = _native_vectors(native, weight, bias, running_mean, running_var, gamma,
-                                                          beta, eps)
-                compute_dtype = weight.dtype
-            else:
-                invstd, neg_mean = _running_vectors(weight, running_mean, running_var, eps)
-                zeros = None
-                compute_dtype = act if act is not None else weight.dtype
+        compute_dtype = act if act is not None else weight.dtype
         x_used = x if x.dtype == compute_dtype else x.to(compute_dtype)
         ctx.save_for_backward(x_used, weight, bias, gamma, invstd, neg_mean)
-        ctx.native, ctx.zeros, ctx.spec, ctx.compute_dtype = native, zeros, spec, compute_dtype
+        ctx.spec, ctx.compute_dtype = spec, compute_dtype
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype,
                       None if gamma is None else gamma.dtype, None if beta is None else beta.dtype)
 
     @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
+    def backward(ctx, grad_out, _grad_invstd, _grad_neg_mean):  # type: ignore[override]
         x_used, weight, bias, gamma, invstd, neg_mean = ctx.saved_tensors
         needs = ctx.needs_input_grad[:5]
-        if ctx.native is not None and not torch.is_grad_enabled() and plain_host_tensor(grad_out):
-            grads = _native_backward(ctx.native, grad_out, x_used, weight, bias, invstd, neg_mean,
-                                     _scale(gamma, invstd), ctx.zeros, ctx.spec, needs)
-        else:  # create_graph (differentiable ops), torch.func wrappers, or the torch-op path
-            grads = tune_backward(grad_out, x_used, weight, bias, gamma, invstd, neg_mean, ctx.spec,
-                                  ctx.compute_dtype, needs)
+        # create_graph: the references (differentiable torch ops); torch.func wrappers: the references too
+        direct = torch.is_grad_enabled() or _wrapped(grad_out, x_used, weight)
+        grads = tune_backward(grad_out, x_used, weight, bias, gamma, invstd, neg_mean, ctx.spec, ctx.compute_dtype,
+                              needs, direct)
         grads = tuple(None if g is None else g.to(dt) for g, dt in zip(grads, ctx.dtypes))
         return grads + (None, None, None, None)
 
@@ -576,4 +330,5 @@ def tune_conv_bn(
         n = weight.dim() - 2
         spec = ConvSpec(_tuple(stride, n), _tuple(padding, n), _tuple(dilation, n), bool(transposed),
                         _tuple(output_padding, n), int(groups))
-    return TuneConvBNFunction.apply(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, float(eps), spec)
+    return TuneConvBNFunction.apply(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, float(eps),
+                                    spec)[0]

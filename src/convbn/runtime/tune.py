@@ -37,7 +37,7 @@ class TuneBlock(Block):
         conv, p = self.conv, self.params()
         x, spec = (input, None) if isinstance(conv, nn.Linear) else conv_input_and_spec(conv, input, output_size)
         return TuneConvBNFunction.apply(x, conv.weight, conv.bias, p.weight, p.bias, p.running_mean, p.running_var,
-                                        p.eps, spec)
+                                        p.eps, spec)[0]
 
     def unfused_linear(self, input: Tensor) -> Tensor:
         # BatchNorm1d on 3-D input normalizes axis 1, not the Linear's feature axis: not foldable.
