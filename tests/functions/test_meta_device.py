@@ -114,7 +114,7 @@ def test_the_on_device_cumulative_factor_updates_running_stats_like_plain_pytorc
     ref, shape = _layers("conv2d")
     ref = randomize_all_bn(ref).double()
     ref[1].momentum = None
-    model = _converted(ref, f"train-{variant}")
+    model = _converted(ref, f"train+{variant}")
     for _ in range(3):
         x = torch.randn(shape, dtype=torch.float64)
         with use_extension("torch"):  # (the C++ kernel would take the factor as a float)

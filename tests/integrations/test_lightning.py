@@ -116,7 +116,7 @@ def test_train_variants_train_like_plain_pytorch(tmp_path, kw):
     lit = Lit()
     cb = ConvBNCallback("train", module="model", **kw)
     trainer(tmp_path, [cb], enable_checkpointing=False).fit(lit, loader())
-    variant = "train-" + next(iter(kw))
+    variant = "train+" + next(iter(kw))
     assert [(r.mode, r.status) for r in cb.report] == [(variant, "converted")] * 2, str(cb.report)
     ref = make_net().train()
     opt = torch.optim.SGD(ref.parameters(), lr=LR)
