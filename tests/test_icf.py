@@ -58,6 +58,78 @@ def test_dense_block_sweeps_each_channel_once_and_matches_plain_train():
     assert cache.swept_channels == 2 * (8 + 8 + 4 * 4)
 
 
+class ListDense(nn.Module):
+    """torchvision's layout: each layer concatenates the list of *all* earlier pieces again."""
+
+    def __init__(self, c0=8, growth=4, layers=4):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            nn.Sequential(nn.BatchNorm2d(c0 + i * growth), nn.ReLU(inplace=True),
+                          nn.Conv2d(c0 + i * growth, growth, 3, padding=1, bias=False)) for i in range(layers))
+        self.norm = nn.BatchNorm2d(c0 + layers * growth)
+
+    def forward(self, x):
+        features = [x * 1.0]  # produced in this forward: trusted
+        for layer in self.layers:
+            features.append(layer(torch.cat(features, 1)))
+        return self.norm(torch.cat(features, 1))
+
+
+def test_list_dense_block_measures_each_piece_once_and_matches_plain_train():
+    model = randomize_all_bn(ListDense())
+    ref = copy.deepcopy(model)
+    convbn.convert(model, "train", fission=True)
+    cache = root_hooks(model).cache
+    _train_compare(model, ref, torch.randn(4, 8, 6, 6))
+    # every cat is a fresh tensor, but its pieces are the same tensors: the first piece's 8 channels and each
+    # layer's 4 new ones are swept once (they were swept in every layer before: 8+12+16+20+24)
+    assert cache.swept_channels == 8 + 4 * 4
+    assert cache.reused_channels == 80 - cache.swept_channels
+
+
+class ListDenseInPlace(ListDense):
+    """A piece changes in place after it was concatenated and measured: later cats must measure it again."""
+
+    def forward(self, x):
+        features = [x * 1.0]
+        for i, layer in enumerate(self.layers):
+            features.append(layer(torch.cat(features, 1)))
+            if i == 1:
+                features[1].mul_(-2).add_(1)  # measured in the second layer's cat; changed before the third's
+        return self.norm(torch.cat(features, 1))
+
+
+class PieceChangedAfterCat(nn.Module):
+    """A piece changes in place *between* its cat and the BN of that cat: the cat holds the old data."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv_a, self.conv_b = nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 1)
+        self.bn, self.bn_b = nn.BatchNorm2d(8), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        a, b = self.conv_a(x), self.conv_b(x)
+        t = torch.cat([a, b], 1)
+        b.mul_(3).add_(1)
+        return self.bn(t).sum((2, 3)) + self.bn_b(b).sum((2, 3)).repeat(1, 2)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("cls", [ListDenseInPlace, PieceChangedAfterCat])
+def test_a_piece_changed_after_its_cat_is_measured_again(cls):
+    model = randomize_all_bn(cls())
+    ref = copy.deepcopy(model)
+    convbn.convert(model, "train", fission=True)
+    x = torch.randn(4, 8, 6, 6) + 1
+    assert_close_rel(model(x), ref(x), 2e-5, "output")
+    for (name, a), b in zip(model.named_buffers(), ref.buffers()):
+        assert_close_rel(a.double(), b.double(), 1e-6, name)
+    if cls is PieceChangedAfterCat:
+        return
+    # the changed piece is measured once more (in the next cat, under its new version), then reused again
+    assert root_hooks(model).cache.swept_channels == 8 + 4 * 4 + 4
+
+
 class InPlaceTraps(nn.Module):
     def __init__(self):
         super().__init__()

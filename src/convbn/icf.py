@@ -64,8 +64,9 @@ class StatsCache:
 
     def __init__(self) -> None:
         self.stats: Dict[int, Tuple[weakref.ref, int, Tensor, Tensor]] = {}
-        # id(cat output) -> (weakref, version, [(channel offset, channels, piece stats or None)])
-        self.cats: Dict[int, Tuple[weakref.ref, int, List[Tuple[int, int, Optional[Tuple[Tensor, Tensor]]]]]] = {}
+        # id(cat output) -> (weakref, version, [(channel offset, channels, piece stats or None,
+        #                                         (weakref to the piece, its version) or None)])
+        self.cats: Dict[int, Tuple[weakref.ref, int, List[tuple]]] = {}
         self.produced: Dict[int, weakref.ref] = {}  # id -> tensor, for every op output of this forward
         self.escaped: Set[int] = set()  # storages whose memory was handed out untracked during this forward
         self.swept_channels = 0  # channels measured by a statistics sweep (for tests/benchmarks)
@@ -122,14 +123,28 @@ class StatsCache:
     # ---------------------------------------------------------------- the cache
     def record_cat(self, out: Tensor, parts: List[Tensor]) -> None:
         """Remember ``out = cat(parts, dim=1)`` with each piece's statistics *as of now* (the data the
-        cat copied), so they stay usable after the piece itself is freed (e.g. under no_grad)."""
+        cat copied), so they stay usable after the piece itself is freed (e.g. under no_grad), and a
+        weak reference to each trusted piece with its version, so statistics measured later for the
+        concatenation are stored under the piece too (torchvision's DenseNet concatenates the same
+        pieces again in every layer: each must be measured once, not once per layer)."""
         if not self.trusted(out):
             return
         pieces, offset = [], 0
         for p in parts:
-            pieces.append((offset, p.shape[1], self._cached(p)))
+            ref = (weakref.ref(p), p._version) if self.trusted(p) else None
+            pieces.append((offset, p.shape[1], self._cached(p), ref))
             offset += p.shape[1]
         self.cats[id(out)] = (weakref.ref(out), out._version, pieces)
+
+    def _piece(self, ref) -> Optional[Tensor]:
+        """The piece a cat copied, if it is still alive, trusted and unchanged since (its data is then
+        exactly the cat's channels), else ``None``."""
+        if ref is None:
+            return None
+        t = ref[0]()
+        if t is None or t._version != ref[1] or not self.trusted(t):
+            return None
+        return t
 
     def _cached(self, t: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
         """Cached statistics of ``t`` if they describe its current data (trusted, same version)."""
@@ -155,10 +170,16 @@ class StatsCache:
         cat = self.cats.get(id(x))
         if cat is not None and cat[0]() is x and cat[1] == x._version:
             means, vars_ = [], []
-            for offset, channels, hit in cat[2]:
-                if hit is None:  # never measured: sweep just these channels, as a slice of x
-                    hit = sweep(x.narrow(1, offset, channels))
+            for offset, channels, hit, ref in cat[2]:
+                piece = self._piece(ref)
+                if hit is None and piece is not None:  # measured since the cat (by another BN)
+                    hit = self._cached(piece)
+                if hit is None:  # never measured: sweep just these channels -- the piece itself if it is
+                    # unchanged (contiguous, and its statistics then serve later cats of it), else a slice of x
+                    hit = sweep(piece if piece is not None else x.narrow(1, offset, channels))
                     self.swept_channels += channels
+                    if piece is not None:
+                        self._store(piece, *hit)
                 else:
                     self.reused_channels += channels
                 means.append(hit[0])
