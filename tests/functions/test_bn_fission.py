@@ -158,6 +158,46 @@ def test_densenet121_shapes(backend, shape, layout):
     _compare_steps(shape, layout, affine=True, momentum=0.1, track=True, relu=True, steps=2)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", [(64, 3, 32, 32), (16, 64, 16, 16)], ids=["few-channels", "many-channels"])
+def test_both_kernel_schedules(backend, shape, threads):
+    """The CPU kernel runs an NCL tensor channel by channel (each channel's reduction, then its elementwise
+    pass, in one thread) when there are channels to share out (C >= 2 * threads), else as two sweeps over
+    the whole tensor: both schedules, forward with and without given statistics, and backward."""
+    torch.manual_seed(5)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _compare_steps(shape, "contiguous", affine=True, momentum=0.1, track=True, relu=True, steps=2)
+        x = _input(shape, "contiguous") + 3
+        stats = bn_fission.channel_statistics(x)
+        w, b = torch.rand(shape[1]) + 0.5, torch.randn(shape[1])
+        with_stats = bn_fission.bn_relu_train_forward(x, w, b, 1e-5, True, stats=stats)
+        without = bn_fission.bn_relu_train_forward(x, w, b, 1e-5, True)
+        torch.testing.assert_close(with_stats[0], without[0], rtol=0, atol=1e-5)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(4, 6, 5, 7), (6, 5), (3, 4, 2, 3, 3)], ids=["4d", "2d", "5d"])
+def test_statistics_of_a_channel_slice_are_read_in_place(backend, shape, dtype):
+    """ICF sweeps a concatenation's unmeasured piece as ``x.narrow(1, ...)``: the kernel reads the slice with
+    its batch stride (no copy) and, with spatial dims, gives exactly what it gives for a contiguous copy."""
+    torch.manual_seed(6)
+    big = torch.randn(shape[0], shape[1] + 5, *shape[2:], dtype=dtype) * 2 + 10
+    piece = big.narrow(1, 3, shape[1])
+    assert not piece.is_contiguous() and bn_fission.ops.batch_stride(piece) == big.stride(0)
+    mean, var = bn_fission.channel_statistics(piece)
+    copy_mean, copy_var = bn_fission.channel_statistics(piece.contiguous())
+    if piece.dim() > 2:  # (a contiguous [N, C] copy is summed row by row, as channels-last: another order)
+        assert torch.equal(mean, copy_mean) and torch.equal(var, copy_var)
+    ref_var, ref_mean = torch.var_mean(piece.double(), dim=[0] + list(range(2, piece.dim())), correction=0)
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-6 if dtype == torch.float32 else 1e-13, atol=0)
+    torch.testing.assert_close(var, ref_var, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=0)
+    assert bn_fission.ops.batch_stride(big.transpose(0, 1)) is None  # samples not in order: copied first
+
+
 @pytest.mark.parametrize("shape", [(4, 6, 5, 7), (6, 5)], ids=["4d", "2d"])
 def test_non_dense_layout_is_handled(backend, shape):
     torch.manual_seed(2)

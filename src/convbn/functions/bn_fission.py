@@ -88,7 +88,7 @@ def channel_statistics(x: Tensor) -> Tuple[Tensor, Tensor]:
         >>> torch.allclose(var, x.double().var(dim=(0, 2, 3), unbiased=False))
         True
     """
-    if ops.geometry(x)[3] is None:
+    if ops.geometry(x)[3] is None and ops.batch_stride(x) is None:  # (a channel slice is read in place)
         x = x.contiguous()
     return ops.stats_reference(x) if _wrapped(x) else ops.stats(x)
 

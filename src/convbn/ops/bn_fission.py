@@ -13,7 +13,11 @@
 Per-channel vectors are in :func:`convbn.functions._conv.channel_dtype` (float64 on the CPU, float32
 elsewhere unless ``x`` is float64). The CPU kernel (``csrc/bn_fission.cpp``) takes float32/float64 ``x`` in
 contiguous (``N, C, L``) or channels-last (``N, L, C``) layout with contiguous float32/float64 parameters
-and buffers; anything else runs the reference. The variance: the kernel sums shifted data in short
+and buffers (the statistics op also a channel slice ``t.narrow(1, ...)`` of a contiguous tensor, read in
+place with its batch stride); anything else runs the reference. An ``N, C, L`` tensor with channels to share
+among the threads is processed channel by channel -- a channel's reduction, then its elementwise pass, in
+one thread -- so the second pass reads that channel from L1/L2 rather than the whole tensor from memory
+(in DenseNet121 training: the ops' in-model time 155 -> 115 ms per step). The variance: the kernel sums shifted data in short
 float blocks flushed to float64, the reference is ``torch.var_mean`` (Welford); ``x - mean`` is computed
 with the mean split into two floats (exact when ``mean >> std``) by both.
 """
@@ -32,7 +36,7 @@ from ._build import CSRC, NativeLibrary
 from ._library import define_op
 
 __all__ = ["stats", "forward", "backward", "stats_reference", "forward_reference", "backward_reference",
-           "geometry", "update_running_stats", "LIB"]
+           "geometry", "batch_stride", "update_running_stats", "LIB"]
 
 
 def _argtypes() -> dict:
@@ -40,7 +44,7 @@ def _argtypes() -> dict:
     dims = [i64, i64, i64, i32, i32]
     types = {}
     for sfx in ("f32", "f64"):
-        types[f"stats_{sfx}"] = [p, *dims, p, p]
+        types[f"stats_{sfx}"] = [p, i64, i64, i64, i32, i64, i32, p, p]  # N, C, L, nlc, batch stride, threads
         types[f"fused_forward_{sfx}"] = [p, p, *dims, p, p, i32, p, p, i32, f64, i32, p, p, p, i32, f64]
         types[f"fused_backward_{sfx}"] = [p, p, p, *dims, p, p, p, p, i32, i32, p, p]
     return types
@@ -64,6 +68,18 @@ def geometry(x: Tensor) -> Tuple[int, int, int, Optional[int]]:
     if x.movedim(1, -1).is_contiguous():
         return n, c, length, 1
     return n, c, length, None
+
+
+def batch_stride(x: Tensor) -> Optional[int]:
+    """The stride of dim 0 when ``x`` is a channel slice of a contiguous tensor (every ``x[n]`` contiguous,
+    the samples apart and in order: e.g. ``t.narrow(1, offset, channels)``), which the statistics kernel
+    reads in place; ``None`` otherwise."""
+    if x.dim() < 2 or x.shape[0] == 0:
+        return None
+    plane = x.numel() // x.shape[0]
+    if plane == 0 or not x[0].is_contiguous() or x.stride(0) < plane:
+        return None
+    return x.stride(0)
 
 
 def _reduce_dims(x: Tensor) -> List[int]:
@@ -132,12 +148,16 @@ def _update_running(buf: Tensor, batch: Tensor, factor: Union[float, Tensor]) ->
     buf.mul_(1 - factor).add_(batch * factor)
 
 
-def _kernel(x: Tensor, *groups) -> Optional[Tuple[ctypes.CDLL, str, int, int, int, int, List[int]]]:
+def _kernel(x: Tensor, *groups, strided: bool = False) -> Optional[Tuple[ctypes.CDLL, str, int, int, int, int,
+                                                                          List[int]]]:
     """``(lib, sfx, N, C, L, nlc, f64 flags)`` when the CPU kernel applies to ``x`` and each group of
-    per-channel tensors (contiguous float32/float64 of one dtype per group), else ``None``."""
+    per-channel tensors (contiguous float32/float64 of one dtype per group), else ``None``. ``strided``:
+    the kernel also reads a channel slice (:func:`batch_stride`) as NCL."""
     if x.dtype not in _FLOATS or x.numel() == 0 or _channel_dtype(x) != torch.float64:
         return None
     n, c, length, nlc = geometry(x)
+    if nlc is None and strided and batch_stride(x) is not None:
+        nlc = 0
     if nlc is None:
         return None
     flags = []
@@ -167,12 +187,14 @@ def stats_reference(x: Tensor) -> Tuple[Tensor, Tensor]:
 
 
 def _stats_cpu(x: Tensor) -> Tuple[Tensor, Tensor]:
-    k = _kernel(x)
+    k = _kernel(x, strided=True)
     if k is None:
         return stats_reference(x)
     lib, sfx, n, c, length, nlc, _ = k
     mean, var = torch.empty(c, dtype=torch.float64), torch.empty(c, dtype=torch.float64)
-    getattr(lib, f"stats_{sfx}")(x.data_ptr(), n, c, length, nlc, threads(x.numel()), mean.data_ptr(), var.data_ptr())
+    s_n = 0 if nlc else (c * length if x.is_contiguous() else batch_stride(x))
+    getattr(lib, f"stats_{sfx}")(x.data_ptr(), n, c, length, nlc, s_n, threads(x.numel()), mean.data_ptr(),
+                                 var.data_ptr())
     return mean, var
 
 

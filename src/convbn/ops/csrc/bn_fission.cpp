@@ -13,44 +13,55 @@ const int64_t RBLK = 128;   // rows per float partial sum (NLC)
 const int64_t SEG = 256;         // NCL: segment length of the elementwise float accumulators (reduce2_ncl)
 const int64_t LANE_TERMS = 128;  // NCL: segments added into the float accumulators before a flush
 
-// Per-channel float64 sums (S, SX) of two per-element terms over an (N, C, L) tensor: fa(c, j) and
-// fb(c, j) of flat element j of channel c (returned by value: addressable temporaries would turn into
-// per-lane memory arrays inside `omp simd`). Each channel's rows are cut into segments of at most
-// SEG elements that are added elementwise into SEG-long float rows u, v -- no horizontal reduction
-// per row (7x7 and 3x3 maps have rows of 49 and 9) and no `omp simd reduction` -- which are flushed
-// to double after LANE_TERMS segments, so no float partial sum has more than LANE_TERMS terms.
+// Per-channel float64 sums (S, SX) of two per-element terms over an (N, C, L) tensor whose plane (n, c)
+// starts at n * sN + c * L (sN = C * L when contiguous; larger for a channel slice of a bigger tensor):
+// fa(c, j) and fb(c, j) of flat element j of channel c (returned by value: addressable temporaries would
+// turn into per-lane memory arrays inside `omp simd`). Each channel's rows are cut into segments of at
+// most SEG elements that are added elementwise into SEG-long float rows u, v -- no horizontal reduction
+// per row (7x7 and 3x3 maps have rows of 49 and 9) and no `omp simd reduction` -- which are flushed to
+// double after LANE_TERMS segments, so no float partial sum has more than LANE_TERMS terms.
 template <typename T, typename FA, typename FB>
-void reduce2_ncl(int64_t N, int64_t C, int64_t L, int nt, FA fa_shared, FB fb_shared, double* S, double* SX) {
+inline void reduce2_channel(int64_t c, int64_t N, int64_t L, int64_t sN, const FA& fa, const FB& fb, T* u, T* v,
+                            double& S, double& SX) {
+  const int64_t W = std::min(L, SEG);
+  double s2 = 0, sx2 = 0;
+  int64_t terms = 0;
+  std::fill(u, u + W, (T)0); std::fill(v, v + W, (T)0);
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t o = n * sN + c * L;
+    for (int64_t b0 = 0; b0 < L; b0 += W) {
+      const int64_t len = std::min(W, L - b0), j0 = o + b0;
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i) { u[i] += fa(c, j0 + i); v[i] += fb(c, j0 + i); }
+      if (++terms == LANE_TERMS) {
+        for (int64_t i = 0; i < W; ++i) { s2 += u[i]; sx2 += v[i]; u[i] = 0; v[i] = 0; }
+        terms = 0;
+      }
+    }
+  }
+  for (int64_t i = 0; i < W; ++i) { s2 += u[i]; sx2 += v[i]; }
+  S = s2; SX = sx2;
+}
+
+template <typename T, typename FA, typename FB>
+void reduce2_ncl(int64_t N, int64_t C, int64_t L, int64_t sN, int nt, FA fa_shared, FB fb_shared, double* S,
+                 double* SX) {
 #pragma omp parallel num_threads(nt)
   {
     // Thread-local copies: the outlined region would otherwise reload the closures' pointers through
     // shared memory on every element.
     const FA fa = fa_shared;
     const FB fb = fb_shared;
-    const int64_t W = std::min(L, SEG);
     T u[SEG], v[SEG];
 #pragma omp for schedule(static)
-    for (int64_t c = 0; c < C; ++c) {
-      double s2 = 0, sx2 = 0;
-      int64_t terms = 0;
-      std::fill(u, u + W, (T)0); std::fill(v, v + W, (T)0);
-      for (int64_t n = 0; n < N; ++n) {
-        const int64_t o = (n * C + c) * L;
-        for (int64_t b0 = 0; b0 < L; b0 += W) {
-          const int64_t len = std::min(W, L - b0), j0 = o + b0;
-#pragma omp simd
-          for (int64_t i = 0; i < len; ++i) { u[i] += fa(c, j0 + i); v[i] += fb(c, j0 + i); }
-          if (++terms == LANE_TERMS) {
-            for (int64_t i = 0; i < W; ++i) { s2 += u[i]; sx2 += v[i]; u[i] = 0; v[i] = 0; }
-            terms = 0;
-          }
-        }
-      }
-      for (int64_t i = 0; i < W; ++i) { s2 += u[i]; sx2 += v[i]; }
-      S[c] = s2; SX[c] = sx2;
-    }
+    for (int64_t c = 0; c < C; ++c) reduce2_channel<T>(c, N, L, sN, fa, fb, u, v, S[c], SX[c]);
   }
 }
+
+// Channel-local passes (NCL): a channel's reduction and then its elementwise pass, back to back in one
+// thread, so the second pass reads the channel's N planes from L1/L2 instead of the whole tensor again
+// from memory. Needs channels to share out among the threads.
+inline bool channel_local(int64_t C, int nt) { return C >= 2 * (int64_t)nt; }
 
 template <typename T> void shift_of(const T* x, int64_t N, int64_t C, int64_t L, int nlc, T* K) {
   // K[c] = mean of the channel's first <= 16 elements; x - K is then O(std) in magnitude.
@@ -63,14 +74,14 @@ template <typename T> void shift_of(const T* x, int64_t N, int64_t C, int64_t L,
 }
 
 template <typename T>
-void stats(const T* x, int64_t N, int64_t C, int64_t L, int nlc, int nt, double* mean, double* var) {
+void stats(const T* x, int64_t N, int64_t C, int64_t L, int nlc, int64_t sN, int nt, double* mean, double* var) {
   const int64_t M = N * L;
   std::vector<T> K(C);
   shift_of(x, N, C, L, nlc, K.data());
   std::vector<double> S(C, 0.0), SS(C, 0.0);
   if (!nlc) {
     const T* Kp = K.data();
-    reduce2_ncl<T>(N, C, L, nt, [=](int64_t c, int64_t j) { return x[j] - Kp[c]; },
+    reduce2_ncl<T>(N, C, L, sN, nt, [=](int64_t c, int64_t j) { return x[j] - Kp[c]; },
                    [=](int64_t c, int64_t j) { const T d = x[j] - Kp[c]; return d * d; }, S.data(), SS.data());
   } else {
 #pragma omp parallel num_threads(nt)
@@ -171,13 +182,13 @@ void grad_sums(const T* dy, const T* x, int64_t N, int64_t C, int64_t L, int nlc
   std::vector<double> S(C, 0.0), SX(C, 0.0);
   if (!nlc) {
     if (relu) {
-      reduce2_ncl<T>(N, C, L, nt,
+      reduce2_ncl<T>(N, C, L, C * L, nt,
                      [=](int64_t c, int64_t j) { return relu_grad(dy[j], bn_value(x[j], H[c], Lo[c], A[c], B[c])); },
                      [=](int64_t c, int64_t j) {
                        return relu_grad(dy[j], bn_value(x[j], H[c], Lo[c], A[c], B[c])) * ((x[j] - H[c]) - Lo[c]); },
                      S.data(), SX.data());
     } else {
-      reduce2_ncl<T>(N, C, L, nt, [=](int64_t, int64_t j) { return dy[j]; },
+      reduce2_ncl<T>(N, C, L, C * L, nt, [=](int64_t, int64_t j) { return dy[j]; },
                      [=](int64_t c, int64_t j) { return dy[j] * ((x[j] - H[c]) - Lo[c]); }, S.data(), SX.data());
     }
   } else {
@@ -273,16 +284,52 @@ template <typename T>
 void fused_forward(const T* x, T* y, int64_t N, int64_t C, int64_t L, int nlc, int nt,
                    double* mean, double* var, int have_stats, const void* w, const void* b, int pf64,
                    double eps, int relu, double* invstd, void* rmean, void* rvar, int bf64, double factor) {
-  if (!have_stats) stats<T>(x, N, C, L, nlc, nt, mean, var);
-  std::vector<double> scale(C), shift(C);
   const double m = (double)(N * L), unbias = m > 1 ? m / (m - 1) : 1.0;
-  for (int64_t c = 0; c < C; ++c) {
+  // Per channel: invstd, scale, shift and the running-statistics update (channels are independent).
+  auto channel = [&](int64_t c, double& scale, double& shift) {
     invstd[c] = 1.0 / sqrt(var[c] + eps);
-    scale[c] = load(w, pf64, c, 1.0) * invstd[c];
-    shift[c] = load(b, pf64, c, 0.0);
+    scale = load(w, pf64, c, 1.0) * invstd[c];
+    shift = load(b, pf64, c, 0.0);
     if (rmean) store(rmean, bf64, c, (1 - factor) * load(rmean, bf64, c, 0) + factor * mean[c]);
     if (rvar) store(rvar, bf64, c, (1 - factor) * load(rvar, bf64, c, 0) + factor * var[c] * unbias);
+  };
+  if (!nlc && channel_local(C, nt)) {
+    // Statistics (unless given) and normalization channel by channel: x is read from memory once.
+#pragma omp parallel num_threads(nt)
+    {
+      T u[SEG], v[SEG];
+#pragma omp for schedule(static)
+      for (int64_t c = 0; c < C; ++c) {
+        if (!have_stats) {
+          T K;
+          shift_of(x + c * L, N, 1, L, 0, &K);
+          double S, SS;
+          reduce2_channel<T>(c, N, L, C * L, [=](int64_t, int64_t j) { return x[j] - K; },
+                             [=](int64_t, int64_t j) { const T d = x[j] - K; return d * d; }, u, v, S, SS);
+          const double mc = S / (double)m;
+          mean[c] = (double)K + mc;
+          var[c] = std::max(SS / (double)m - mc * mc, 0.0);
+        }
+        double sc, sh;
+        channel(c, sc, sh);
+        const T h = (T)mean[c], l = (T)(mean[c] - (double)h), s_ = (T)sc, t = (T)sh;
+        for (int64_t n = 0; n < N; ++n) {
+          const T* p = x + (n * C + c) * L; T* q = y + (n * C + c) * L;
+          if (relu) {
+#pragma omp simd
+            for (int64_t i = 0; i < L; ++i) { T v_ = bn_value(p[i], h, l, s_, t); q[i] = v_ < 0 ? (T)0 : v_; }
+          } else {
+#pragma omp simd
+            for (int64_t i = 0; i < L; ++i) q[i] = bn_value(p[i], h, l, s_, t);
+          }
+        }
+      }
+    }
+    return;
   }
+  if (!have_stats) stats<T>(x, N, C, L, nlc, nlc ? 0 : C * L, nt, mean, var);
+  std::vector<double> scale(C), shift(C);
+  for (int64_t c = 0; c < C; ++c) channel(c, scale[c], shift[c]);
   normalize<T>(x, y, N, C, L, nlc, nt, mean, scale.data(), shift.data(), relu);
 }
 
@@ -291,13 +338,54 @@ template <typename T>
 void fused_backward(const T* dy, const T* x, T* dx, int64_t N, int64_t C, int64_t L, int nlc, int nt,
                     const double* mean, const double* invstd, const void* w, const void* b, int pf64, int relu,
                     void* dw, void* db) {
+  const double m = (double)(N * L);
+  if (!nlc && channel_local(C, nt)) {
+    // The reduction and dx channel by channel: dy and x are read from memory once.
+#pragma omp parallel num_threads(nt)
+    {
+      T u[SEG], v[SEG];
+#pragma omp for schedule(static)
+      for (int64_t c = 0; c < C; ++c) {
+        const double scale = load(w, pf64, c, 1.0) * invstd[c], shift = load(b, pf64, c, 0.0);
+        const T h = (T)mean[c], l = (T)(mean[c] - (double)h), s_ = (T)scale, t = (T)shift;
+        double sg, sgx;
+        if (relu) {
+          reduce2_channel<T>(c, N, L, C * L,
+                             [=](int64_t, int64_t j) { return relu_grad(dy[j], bn_value(x[j], h, l, s_, t)); },
+                             [=](int64_t, int64_t j) {
+                               return relu_grad(dy[j], bn_value(x[j], h, l, s_, t)) * ((x[j] - h) - l); },
+                             u, v, sg, sgx);
+        } else {
+          reduce2_channel<T>(c, N, L, C * L, [=](int64_t, int64_t j) { return dy[j]; },
+                             [=](int64_t, int64_t j) { return dy[j] * ((x[j] - h) - l); }, u, v, sg, sgx);
+        }
+        const double dgamma = sgx * invstd[c];
+        if (dw) store(dw, pf64, c, dgamma);
+        if (db) store(db, pf64, c, sg);
+        if (!dx) continue;
+        const T sa = (T)scale, sb = (T)(-scale * invstd[c] * dgamma / m), se = (T)(-scale * sg / m);
+        for (int64_t n = 0; n < N; ++n) {
+          const int64_t o = (n * C + c) * L;
+          const T *g = dy + o, *p = x + o; T* d = dx + o;
+          if (relu) {
+#pragma omp simd
+            for (int64_t i = 0; i < L; ++i) {
+              d[i] = sa * relu_grad(g[i], bn_value(p[i], h, l, s_, t)) + sb * ((p[i] - h) - l) + se; }
+          } else {
+#pragma omp simd
+            for (int64_t i = 0; i < L; ++i) d[i] = sa * g[i] + sb * ((p[i] - h) - l) + se;
+          }
+        }
+      }
+    }
+    return;
+  }
   std::vector<double> scale(C), shift(C), sg(C), sgx(C), ca(C), cb(C), ce(C);
   for (int64_t c = 0; c < C; ++c) {
     scale[c] = load(w, pf64, c, 1.0) * invstd[c];
     shift[c] = load(b, pf64, c, 0.0);
   }
   grad_sums<T>(dy, x, N, C, L, nlc, nt, mean, scale.data(), shift.data(), relu, sg.data(), sgx.data());
-  const double m = (double)(N * L);
   for (int64_t c = 0; c < C; ++c) {
     const double dgamma = sgx[c] * invstd[c];
     if (dw) store(dw, pf64, c, dgamma);
@@ -312,8 +400,8 @@ void fused_backward(const T* dy, const T* x, T* dx, int64_t N, int64_t C, int64_
 }  // namespace
 
 #define CONVBN_EXPORT(T, SFX)                                                                          \
-  extern "C" void stats_##SFX(const T* x, int64_t N, int64_t C, int64_t L, int nlc, int nt, double* m, \
-                              double* v) { stats<T>(x, N, C, L, nlc, nt, m, v); }                      \
+  extern "C" void stats_##SFX(const T* x, int64_t N, int64_t C, int64_t L, int nlc, int64_t sN, int nt,  \
+                              double* m, double* v) { stats<T>(x, N, C, L, nlc, sN, nt, m, v); }       \
   extern "C" void fused_forward_##SFX(const T* x, T* y, int64_t N, int64_t C, int64_t L, int nlc,      \
                                       int nt, double* m, double* v, int have_stats, const void* w,     \
                                       const void* b, int pf64, double eps, int relu, double* invstd,   \
