@@ -17,7 +17,8 @@ and buffers (the statistics op also a channel slice ``t.narrow(1, ...)`` of a co
 place with its batch stride); anything else runs the reference. An ``N, C, L`` tensor with channels to share
 among the threads is processed channel by channel -- a channel's reduction, then its elementwise pass, in
 one thread -- so the second pass reads that channel from L1/L2 rather than the whole tensor from memory
-(in DenseNet121 training: the ops' in-model time 155 -> 115 ms per step). The variance: the kernel sums shifted data in short
+(in DenseNet121 training: the ops' in-model time 155 -> 115 ms per step).
+The variance: the kernel sums shifted data in short
 float blocks flushed to float64, the reference is ``torch.var_mean`` (Welford); ``x - mean`` is computed
 with the mean split into two floats (exact when ``mean >> std``) by both.
 """
