@@ -128,6 +128,31 @@ template <typename T> inline T bn_value(T x, T h, T l, T s, T t) { return ((x - 
 // value makes its load unconditional, so the select vectorizes as a blend, not a masked load.
 template <typename T> inline T relu_grad(T g, T v) { return v > 0 ? g : (T)0; }
 
+// One NCL plane of L elements: the forward's output (normalize) and the input gradient (grad_input); the
+// two-sweep and the channel-local schedules both call these.
+template <typename T>
+inline void normalize_plane(const T* p, T* q, int64_t L, T h, T l, T s, T t, int relu) {
+  if (relu) {
+#pragma omp simd
+    for (int64_t i = 0; i < L; ++i) { T v = bn_value(p[i], h, l, s, t); q[i] = v < 0 ? (T)0 : v; }
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < L; ++i) q[i] = bn_value(p[i], h, l, s, t);
+  }
+}
+template <typename T>
+inline void grad_input_plane(const T* g, const T* p, T* d, int64_t L, T h, T l, T s, T t, T sa, T sb, T se,
+                             int relu) {
+  if (relu) {
+#pragma omp simd
+    for (int64_t i = 0; i < L; ++i)
+      d[i] = sa * relu_grad(g[i], bn_value(p[i], h, l, s, t)) + sb * ((p[i] - h) - l) + se;
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < L; ++i) d[i] = sa * g[i] + sb * ((p[i] - h) - l) + se;
+  }
+}
+
 // Per-channel constants in the kernel dtype: the float64 mean split into hi + lo, and scale/shift.
 template <typename T> struct Coeffs {
   std::vector<T> h, l, s, t;
@@ -145,15 +170,7 @@ void normalize(const T* x, T* y, int64_t N, int64_t C, int64_t L, int nlc, int n
 #pragma omp parallel for collapse(2) num_threads(nt) schedule(static)
     for (int64_t n = 0; n < N; ++n)
       for (int64_t c = 0; c < C; ++c) {
-        const T* p = x + (n * C + c) * L; T* q = y + (n * C + c) * L;
-        const T h = H[c], l = Lo[c], s = A[c], t = B[c];
-        if (relu) {
-#pragma omp simd
-          for (int64_t i = 0; i < L; ++i) { T v = bn_value(p[i], h, l, s, t); q[i] = v < 0 ? (T)0 : v; }
-        } else {
-#pragma omp simd
-          for (int64_t i = 0; i < L; ++i) q[i] = bn_value(p[i], h, l, s, t);
-        }
+        normalize_plane(x + (n * C + c) * L, y + (n * C + c) * L, L, H[c], Lo[c], A[c], B[c], relu);
       }
   } else {
 #pragma omp parallel for num_threads(nt) schedule(static)
@@ -239,16 +256,7 @@ void grad_input(const T* dy, const T* x, T* dx, int64_t N, int64_t C, int64_t L,
     for (int64_t n = 0; n < N; ++n)
       for (int64_t c = 0; c < C; ++c) {
         const int64_t o = (n * C + c) * L;
-        const T *g = dy + o, *p = x + o; T* d = dx + o;
-        const T h = H[c], l = Lo[c], s = A[c], t = B[c], sa = CA[c], sb = CB[c], se = CE[c];
-        if (relu) {
-#pragma omp simd
-          for (int64_t i = 0; i < L; ++i) {
-            d[i] = sa * relu_grad(g[i], bn_value(p[i], h, l, s, t)) + sb * ((p[i] - h) - l) + se; }
-        } else {
-#pragma omp simd
-          for (int64_t i = 0; i < L; ++i) d[i] = sa * g[i] + sb * ((p[i] - h) - l) + se;
-        }
+        grad_input_plane(dy + o, x + o, dx + o, L, H[c], Lo[c], A[c], B[c], CA[c], CB[c], CE[c], relu);
       }
   } else {
 #pragma omp parallel for num_threads(nt) schedule(static)
@@ -313,16 +321,8 @@ void fused_forward(const T* x, T* y, int64_t N, int64_t C, int64_t L, int nlc, i
         double sc, sh;
         channel(c, sc, sh);
         const T h = (T)mean[c], l = (T)(mean[c] - (double)h), s_ = (T)sc, t = (T)sh;
-        for (int64_t n = 0; n < N; ++n) {
-          const T* p = x + (n * C + c) * L; T* q = y + (n * C + c) * L;
-          if (relu) {
-#pragma omp simd
-            for (int64_t i = 0; i < L; ++i) { T v_ = bn_value(p[i], h, l, s_, t); q[i] = v_ < 0 ? (T)0 : v_; }
-          } else {
-#pragma omp simd
-            for (int64_t i = 0; i < L; ++i) q[i] = bn_value(p[i], h, l, s_, t);
-          }
-        }
+        for (int64_t n = 0; n < N; ++n)
+          normalize_plane(x + (n * C + c) * L, y + (n * C + c) * L, L, h, l, s_, t, relu);
       }
     }
     return;
@@ -366,15 +366,7 @@ void fused_backward(const T* dy, const T* x, T* dx, int64_t N, int64_t C, int64_
         const T sa = (T)scale, sb = (T)(-scale * invstd[c] * dgamma / m), se = (T)(-scale * sg / m);
         for (int64_t n = 0; n < N; ++n) {
           const int64_t o = (n * C + c) * L;
-          const T *g = dy + o, *p = x + o; T* d = dx + o;
-          if (relu) {
-#pragma omp simd
-            for (int64_t i = 0; i < L; ++i) {
-              d[i] = sa * relu_grad(g[i], bn_value(p[i], h, l, s_, t)) + sb * ((p[i] - h) - l) + se; }
-          } else {
-#pragma omp simd
-            for (int64_t i = 0; i < L; ++i) d[i] = sa * g[i] + sb * ((p[i] - h) - l) + se;
-          }
+          grad_input_plane(dy + o, x + o, dx + o, L, h, l, s_, t, sa, sb, se, relu);
         }
       }
     }
