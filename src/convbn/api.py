@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from . import icf
+from .lowmem import SavedRecipes
 from .errors import ConvBNError
 from .analysis import analyze
 from .plan import MODES, BlockReport, Report, make_plan
@@ -66,6 +67,7 @@ def convert(
     filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
     recompute: bool = False,
     fission: bool = False,
+    low_memory: bool = False,
 ) -> nn.Module:
     """Put every Conv/Linear -> BatchNorm block of ``model`` into ``mode``, in place.
 
@@ -99,6 +101,12 @@ def convert(
     The two cannot be combined (recompute already fuses the BN into its conv's Function). A fused
     ``nn.ReLU`` module becomes a pass-through (its hooks see the block output pass).
 
+    ``fission=True, low_memory=True`` (for DenseNets): no BN(-ReLU) output and no channel
+    concatenation is stored for backward; backward rebuilds a concatenation from its pieces (stored
+    once) and a BN output from its input and the batch statistics (one normalize pass, bitwise the
+    forward's values). O(L) instead of O(L^2) activation memory per dense block, like torchvision's
+    ``memory_efficient=True`` but without recomputing any convolution (see :mod:`convbn.lowmem`).
+
     A block that cannot be folded runs in eval (``fallback``) when its BN has running statistics,
     otherwise stays plain PyTorch (``skipped``); :func:`report` says which and why.
 
@@ -114,6 +122,8 @@ def convert(
             (reported as ``skipped: not selected by filter_fn``).
         recompute: with ``mode="train"``: recompute the conv output in backward.
         fission: with ``mode="train"``: BN fission-n-fusion.
+        low_memory: with ``fission=True``: recompute BN outputs and concatenations in backward
+            instead of storing them.
 
     Returns:
         ``model`` itself (so ``model = convbn.convert(model, "tune")`` also works).
@@ -143,13 +153,19 @@ def convert(
         raise TypeError(f"filter_fn must be callable as filter_fn(module, qualified_name) -> bool, got "
                         f"{type(filter_fn).__name__}. Example: filter_fn=lambda m, name: name.startswith('backbone.')")
     variant = _train_variant(mode, recompute, fission)
+    if not isinstance(low_memory, bool):
+        raise TypeError(f"low_memory must be True or False, got {low_memory!r}")
+    if low_memory and not fission:
+        raise ConvBNError("low_memory=True recomputes fission BN outputs in backward: it needs "
+                          "convbn.convert(model, 'train', fission=True, low_memory=True)")
     analysis = analyze(model, example_inputs)
     plan = make_plan(analysis, mode, filter_fn, variant)
     previously_deployed = _deployed_rows(model)
     newly_deployed: List[BlockReport] = []
-    _apply(model, plan, mode, newly_deployed, analysis.volatile)
+    _apply(model, plan, mode, newly_deployed, analysis.volatile, low_memory)
     rows = previously_deployed + [r for _, r in plan]
-    model.__dict__[_STATE] = _State(Report(rows, variant or mode, analysis.method, True, analysis.notes),
+    notes = analysis.notes + ([_LOW_MEMORY_NOTE] if low_memory else [])
+    model.__dict__[_STATE] = _State(Report(rows, variant or mode, analysis.method, True, notes),
                                     previously_deployed + newly_deployed)
     _rescope_submodule_states(model)
     return model
@@ -229,10 +245,17 @@ def _train_variant(mode: str, recompute: Any, fission: Any) -> Optional[str]:
     return "train+recompute" if recompute else "train+fission" if fission else None
 
 
-def _apply(model: nn.Module, plan, mode: str, deployed: List[BlockReport], volatile=frozenset()) -> None:
+_LOW_MEMORY_NOTE = ("low_memory: BN outputs and concatenations are not stored for backward; backward rebuilds them "
+                    "from the concatenated pieces and the batch statistics")
+
+
+def _apply(model: nn.Module, plan, mode: str, deployed: List[BlockReport], volatile=frozenset(),
+           low_memory: bool = False) -> None:
     """Install the plan; on any failure restore every instance forward and root hook as it was."""
     before = {id(m): (m, m.__dict__.get("forward")) for m in model.modules() if installed_block(m) is not None}
     cache = icf.StatsCache() if any(row.mode == "train+fission" for _, row in plan) else None
+    if cache is not None and low_memory:
+        cache.recipes = SavedRecipes()
     before_guards = [(m, dict(m._forward_pre_hooks), dict(m._forward_hooks),
                       dict(getattr(m, "_forward_hooks_always_called", {}))) for m in model.modules()]
     folds, blocks, undo_folds = [], [], []

@@ -36,6 +36,8 @@ import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+from .lowmem import SavedRecipes
+
 __all__ = ["StatsCache", "ConcatRecorder"]
 
 _CATS = {torch.cat, torch.concat, torch.concatenate}
@@ -73,6 +75,9 @@ class StatsCache:
         self.reused_channels = 0  # channels whose statistics came from the cache
         self.recording = False  # a ConcatRecorder is active (the root module's forward is running, eagerly)
         self.awaiting: Dict[int, object] = {}  # id(fission output, ReLU already applied) -> its block
+        # convert(..., low_memory=True): concatenations and fission outputs saved for backward as recipes
+        self.recipes: Optional[SavedRecipes] = None
+        self.storing_recipes = False  # the recipes' saved-tensor hooks are active (this forward)
 
     def await_relu(self, out: Tensor, block) -> None:
         """``out`` already holds relu(bn(x)); the user's ``F.relu(out)`` passes it through (see ConcatRecorder)."""
@@ -80,6 +85,8 @@ class StatsCache:
 
     def clear(self) -> None:
         self.awaiting.clear()
+        if self.recipes is not None:
+            self.recipes.clear()
         self.stats.clear()
         self.cats.clear()
         self.produced.clear()
@@ -87,10 +94,12 @@ class StatsCache:
 
     # pickling / deepcopy: weakrefs are transient
     def __getstate__(self) -> dict:
-        return {"swept_channels": 0, "reused_channels": 0}
+        return {"low_memory": self.recipes is not None}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__()
+        if state.get("low_memory"):
+            self.recipes = SavedRecipes()
 
     # ---------------------------------------------------------------- what the recorder sees
     def record_output(self, out) -> None:
@@ -135,6 +144,8 @@ class StatsCache:
             pieces.append((offset, p.shape[1], self._cached(p), ref))
             offset += p.shape[1]
         self.cats[id(out)] = (weakref.ref(out), out._version, pieces)
+        if self.storing_recipes:
+            self.recipes.record_cat(out, parts, self.trusted)
 
     def _piece(self, ref) -> Optional[Tensor]:
         """The piece a cat copied, if it is still alive, trusted and unchanged since (its data is then
@@ -229,7 +240,7 @@ class RootHooks:
 
     def __init__(self, cache: StatsCache):
         self.cache = cache
-        self.active: List[ConcatRecorder] = []
+        self.active: List[Tuple[ConcatRecorder, bool]] = []  # (recorder, recipes' hooks pushed) per forward
 
     def __getstate__(self) -> dict:
         return {"cache": self.cache, "active": []}
@@ -240,14 +251,21 @@ class RootHooks:
         self.cache.clear()
         recorder = ConcatRecorder(self.cache)
         recorder.__enter__()
-        self.active.append(recorder)
+        recipes = self.cache.recipes
+        pushed = recipes is not None and recipes.push(type(module).__name__)
+        self.active.append((recorder, pushed))
         self.cache.recording = True
+        self.cache.storing_recipes = pushed
         return None
 
     def post(self, module, args, output):
         if self.active:
-            self.active.pop().__exit__(None, None, None)
+            recorder, pushed = self.active.pop()
+            if pushed:
+                SavedRecipes.pop()
+            recorder.__exit__(None, None, None)
         self.cache.recording = bool(self.active)
+        self.cache.storing_recipes = bool(self.active) and self.active[-1][1]
         self.cache.clear()
         return None
 

@@ -6,6 +6,8 @@ from typing import Any, Callable, Dict, Tuple
 
 import torch
 
+from ..lowmem import OBSERVER
+
 __all__ = ["saved_tensor_bytes"]
 
 
@@ -41,6 +43,9 @@ def saved_tensor_bytes(fn: Callable[[], Any]) -> int:
             alive.append(t)
         return t
 
+    # convbn's low_memory hooks, pushed inside this forward, call ``pack`` with every tensor their stored
+    # objects keep alive (an observer: its return value is not what they store)
+    setattr(pack, OBSERVER, True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()  # the result (and with it the graph) is dropped on return, with ``alive``
     return sum(storages.values())

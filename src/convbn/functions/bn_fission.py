@@ -216,7 +216,8 @@ def bn_relu_train(
     *,
     relu: bool = True,
     stats: Optional[Tuple[Tensor, Tensor]] = None,
-) -> Tensor:
+    return_stats: bool = False,
+) -> Union[Tensor, Tuple[Tensor, Optional[Tensor], Optional[Tensor]]]:
     """``relu(batch_norm(x, training=True))`` by Fission; updates the running statistics in place.
 
     Equals ``torch.nn.BatchNorm{1,2,3}d`` in train mode followed by ``torch.relu``: normalisation by the
@@ -235,10 +236,12 @@ def bn_relu_train(
         relu: fuse a ReLU into the output (and its backward).
         stats: optional precomputed batch ``(mean, biased var)`` of ``x`` per channel (e.g. the
             concatenated statistics of the pieces of a ``torch.cat``); skips the statistics sweep.
+        return_stats: also return the batch ``(mean, biased var)`` the output was normalized with
+            (per-channel dtype; ``None`` for an empty batch).
 
     Returns:
         The output, same shape, dtype and memory layout as ``x``; differentiable w.r.t. ``x``,
-        ``weight`` and ``bias``.
+        ``weight`` and ``bias``. With ``return_stats``: ``(output, mean, var)``.
 
     Example:
         >>> bn = torch.nn.BatchNorm2d(4)
@@ -258,8 +261,9 @@ def bn_relu_train(
             raise ValueError(f"bn_relu_train: {name} has {t.numel()} elements but x has {c} channels "
                              f"(shape {tuple(x.shape)}); pass the BatchNorm that matches this input.")
     with running_stats_update("bn_relu_train (fission)"):
-        return _bn_relu_train(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, relu,
-                              stats)
+        out, mean, var = _bn_relu_train(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum,
+                                        eps, relu, stats)
+    return (out, mean, var) if return_stats else out
 
 
 def _bn_relu_train(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, relu, stats):
@@ -275,7 +279,7 @@ def _bn_relu_train(x, weight, bias, running_mean, running_var, num_batches_track
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
     if x.numel() == 0:  # an empty batch: PyTorch's empty output, running statistics untouched
         out = torch.nn.functional.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
-        return torch.relu(out) if relu else out
+        return (torch.relu(out) if relu else out), None, None
     if ops.geometry(x)[3] is None:
         x = x.contiguous()
 
@@ -287,4 +291,4 @@ def _bn_relu_train(x, weight, bias, running_mean, running_var, num_batches_track
     out, mean, var, _ = BNReLUTrainFunction.apply(x, weight, bias, float(eps), bool(relu), stats, running)
     if tracked and running is None:
         ops.update_running_stats(running_mean, running_var, mean, var, x.numel() // c, factor)
-    return out
+    return out, mean, var

@@ -30,6 +30,8 @@ from typing import Dict, Iterator, List, Optional
 
 import torch
 
+from ..errors import user_stacklevel
+
 __all__ = ["NativeLibrary", "extension_mode", "use_extension", "build_kernels", "KERNELS", "CSRC", "cache_root"]
 
 CXXFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-shared", "-fPIC",
@@ -87,19 +89,6 @@ def cache_key(source: bytes) -> str:
     parts = [source, " ".join(CXXFLAGS).encode(), torch.__version__.encode(), _cpu_flags().encode(),
              sys.platform.encode(), platform.machine().encode()]
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
-
-
-_PACKAGE_DIRS = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep
-                      for m in (sys.modules["convbn"], torch) if getattr(m, "__file__", None))
-
-
-def _user_stacklevel() -> int:
-    """``stacklevel`` for a warning issued by the caller of this function that points at the first frame
-    outside convbn and torch: the user's line (a forward, ``loss.backward()``, ...)."""
-    level, frame = 1, sys._getframe(1)
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIRS):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 def _compiler() -> str:
@@ -182,7 +171,7 @@ class NativeLibrary:
                             f"pure-torch reference instead (same function, slower on the CPU). To fix this, install "
                             f"a C++17 compiler with OpenMP (e.g. `apt install g++`, `conda install gxx`) or set CXX "
                             f"to one, then run `convbn build-kernels` (or `python -m convbn.ops build`).",
-                            RuntimeWarning, stacklevel=_user_stacklevel())
+                            RuntimeWarning, stacklevel=user_stacklevel())
                         self.lib = None
                     self.tried = True
         if self.lib is None and mode == "extension":

@@ -54,7 +54,11 @@ class FissionBlock(Block):
         stats = None
         if self.stats_cache is not None and not is_compiling() and input.dim() > 2:
             stats = self.stats_cache.stats_for(input, channel_statistics)  # ICF: reuse a concat's pieces
-        return bn_relu_train(input, p.weight, p.bias, p.running_mean if track else None,
-                             p.running_var if track else None, bn.num_batches_tracked if track else None,
-                             momentum_of(bn), p.eps, relu=relu, stats=stats)
+        out, mean, var = bn_relu_train(input, p.weight, p.bias, p.running_mean if track else None,
+                                       p.running_var if track else None, bn.num_batches_tracked if track else None,
+                                       momentum_of(bn), p.eps, relu=relu, stats=stats, return_stats=True)
+        if mean is not None and self.stats_cache is not None and self.stats_cache.storing_recipes \
+                and not is_compiling():  # low_memory: backward normalizes again instead of storing ``out``
+            self.stats_cache.recipes.record_norm(out, input, mean, var, p.weight, p.bias, p.eps, relu)
+        return out
 
