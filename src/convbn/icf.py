@@ -70,6 +70,7 @@ class StatsCache:
         #                                         (weakref to the piece, its version) or None)])
         self.cats: Dict[int, Tuple[weakref.ref, int, List[tuple]]] = {}
         self.produced: Dict[int, weakref.ref] = {}  # id -> tensor, for every op output of this forward
+        self.keys: Dict[int, Optional[int]] = {}  # id(produced tensor) -> its storage key, once asked
         self.escaped: Set[int] = set()  # storages whose memory was handed out untracked during this forward
         self.swept_channels = 0  # channels measured by a statistics sweep (for tests/benchmarks)
         self.reused_channels = 0  # channels whose statistics came from the cache
@@ -90,6 +91,7 @@ class StatsCache:
         self.stats.clear()
         self.cats.clear()
         self.produced.clear()
+        self.keys.clear()
         self.escaped.clear()
 
     # pickling / deepcopy: weakrefs are transient
@@ -106,10 +108,12 @@ class StatsCache:
         """Remember the tensor(s) an op returned during this forward."""
         if isinstance(out, Tensor):
             self.produced[id(out)] = weakref.ref(out)
+            self.keys.pop(id(out), None)  # an id freed and reused: the new tensor's storage is asked afresh
         elif isinstance(out, (tuple, list)):
             for t in out:
                 if isinstance(t, Tensor):
                     self.produced[id(t)] = weakref.ref(t)
+                    self.keys.pop(id(t), None)
 
     def record_escape(self, args) -> None:
         """An op handed out the memory of the tensors in ``args`` outside version tracking."""
@@ -126,7 +130,9 @@ class StatsCache:
         ref = self.produced.get(id(t))
         if ref is None or ref() is not t:
             return False
-        key = _storage_key(t)
+        key = self.keys.get(id(t), self)  # a tensor's storage changes only by set_ / .data=, which escape the
+        if key is self:                   # old storage: its cached key is then in ``escaped``
+            key = self.keys[id(t)] = _storage_key(t)
         return key is not None and key not in self.escaped
 
     # ---------------------------------------------------------------- the cache

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import convbn
+from convbn.icf import root_hooks
 from conftest import assert_close_rel, randomize_all_bn
 from convbn.runtime import installed_block
 
@@ -111,13 +112,16 @@ def test_tune_trains_like_a_plain_eval_bn_loop_and_checkpoints_load_into_the_pla
     assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in saved.items())
 
 
-@pytest.mark.parametrize("kw", [{"recompute": True}, {"fission": True}], ids=["recompute", "fission"])
+@pytest.mark.parametrize("kw", [{"recompute": True}, {"fission": True}, {"fission": True, "low_memory": True}],
+                         ids=["recompute", "fission", "fission-low-memory"])
 def test_train_variants_train_like_plain_pytorch(tmp_path, kw):
     lit = Lit()
     cb = ConvBNCallback("train", module="model", **kw)
     trainer(tmp_path, [cb], enable_checkpointing=False).fit(lit, loader())
     variant = "train+" + next(iter(kw))
     assert [(r.mode, r.status) for r in cb.report] == [(variant, "converted")] * 2, str(cb.report)
+    if kw.get("low_memory"):  # the BN outputs were rebuilt in backward, not stored
+        assert root_hooks(lit.model).cache.recipes.recipes_packed > 0
     ref = make_net().train()
     opt = torch.optim.SGD(ref.parameters(), lr=LR)
     for _ in range(2):

@@ -9,6 +9,7 @@ handed to them.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 from typing import Iterator, Optional, Tuple, Union
 
@@ -18,9 +19,17 @@ from torch import Tensor
 from ..errors import ConvBNError
 
 __all__ = ["ConvSpec", "channel_dtype", "FLOAT64_DEVICES", "autocast_dtype", "layer", "channel_view", "threads", "ptr",
-           "plain_host_tensor",
+           "plain_host_tensor", "signature_cached",
            "InputDTypeError", "check_input_dtype", "has_values", "is_functorch_wrapped", "is_batched",
            "TorchFuncBufferError", "running_stats_update", "cumulative_factor"]
+
+
+def signature_cached(forward):
+    """Decorate an ``autograd.Function.forward`` that has a ``setup_context``: ``Function.apply`` binds its
+    arguments with ``inspect.signature(forward)`` on every call (~50 us of the ~100 us a small BN layer's
+    Function costs here); ``inspect.signature`` returns a precomputed ``__signature__`` instead."""
+    forward.__signature__ = inspect.signature(forward)
+    return forward
 
 
 @dataclass(frozen=True)

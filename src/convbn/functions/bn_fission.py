@@ -42,7 +42,7 @@ from torch import Tensor
 from ..errors import ConvBNError
 from ..ops import bn_fission as ops
 from ..ops._build import use_extension
-from ._conv import cumulative_factor, is_batched, is_functorch_wrapped, running_stats_update
+from ._conv import cumulative_factor, is_batched, is_functorch_wrapped, running_stats_update, signature_cached
 
 __all__ = [
     "BNReLUTrainFunction",
@@ -142,6 +142,7 @@ class BNReLUTrainFunction(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
+    @signature_cached
     def forward(x, weight, bias, eps, relu, stats=None, running=None):  # type: ignore[override]
         rm, rv, factor = running if running is not None else (None, None, 0.0)
         if rm is not None or rv is not None:

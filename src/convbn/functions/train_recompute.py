@@ -58,7 +58,7 @@ from torch import Tensor
 
 from ..errors import ConvBNError
 from ._conv import (ConvSpec, autocast_dtype, check_input_dtype, cumulative_factor, is_batched, is_functorch_wrapped,
-                    running_stats_update)
+                    running_stats_update, signature_cached)
 from ._conv import layer as _layer
 
 __all__ = [
@@ -298,6 +298,7 @@ class RecomputeConvBNFunction(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
+    @signature_cached
     def forward(x, weight, bias, gamma, beta, running_mean, running_var, num_batches_tracked,  # type: ignore[override]
                 momentum, eps, spec, relu):
         device = x.device.type

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from ..ops import tune as ops
-from ._conv import ConvSpec, autocast_dtype, channel_view, check_input_dtype, is_functorch_wrapped
+from ._conv import ConvSpec, autocast_dtype, channel_view, check_input_dtype, is_functorch_wrapped, signature_cached
 from ._conv import has_values as plain_tensor_values
 from ._conv import layer as _layer
 
@@ -239,6 +239,7 @@ class TuneConvBNFunction(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
+    @signature_cached
     def forward(x, weight, bias, gamma, beta, running_mean, running_var, eps, spec):  # type: ignore[override]
         act = autocast_dtype(x.device.type)
         check_input_dtype("tune", x, weight, act)

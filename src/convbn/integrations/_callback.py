@@ -46,6 +46,7 @@ class ConvBNCallbackLogic:
         example_inputs: Any = None,
         recompute: bool = False,
         fission: bool = False,
+        low_memory: bool = False,
         recalibrate_batches: Union[None, str, Iterable[Any]] = None,
         recalibrate_num_batches: Optional[int] = None,
         recalibrate_average: str = "population",
@@ -72,7 +73,7 @@ class ConvBNCallbackLogic:
         if not isinstance(export_deployed, (bool, str, os.PathLike)):
             raise TypeError(f"export_deployed must be True/False or a file path, got {type(export_deployed).__name__}")
         self.mode, self.filter_fn, self.module, self.example_inputs = mode, filter_fn, module, example_inputs
-        self.recompute, self.fission = recompute, fission
+        self.recompute, self.fission, self.low_memory = recompute, fission, low_memory
         self.recalibrate_batches, self.recalibrate_num_batches = recalibrate_batches, recalibrate_num_batches
         self.recalibrate_average, self.forward_fn, self.export_deployed = recalibrate_average, forward_fn, \
             export_deployed
@@ -98,7 +99,7 @@ class ConvBNCallbackLogic:
         ctx = _frozen_flags_as_tracked(model) if self.mode in ("eval", "tune") else _nothing()
         with ctx:
             convert(model, self.mode, example_inputs=self.example_inputs, filter_fn=self.filter_fn,
-                    recompute=self.recompute, fission=self.fission)
+                    recompute=self.recompute, fission=self.fission, low_memory=self.low_memory)
         from ..api import report
 
         self.report = report(model)

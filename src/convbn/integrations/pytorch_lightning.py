@@ -48,7 +48,7 @@ else:
                 relative to the converted module).
             module: attribute path of the submodule to convert (``"model"``, ``"net.backbone"``); default the
                 LightningModule itself.
-            example_inputs, recompute, fission: passed to :func:`convbn.convert`.
+            example_inputs, recompute, fission, low_memory: passed to :func:`convbn.convert`.
             recalibrate_batches: ``None`` (default, no recalibration), ``"train"`` (the trainer's train dataloader)
                 or an iterable of batches, for :func:`convbn.recalibrate` at fit end.
             recalibrate_num_batches, recalibrate_average: :func:`convbn.recalibrate`'s ``num_batches`` and ``average``.
