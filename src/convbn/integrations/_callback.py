@@ -4,6 +4,7 @@ provides the ``Callback`` base class. Imports no framework."""
 from __future__ import annotations
 
 import os
+import types
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
@@ -155,3 +156,40 @@ def missing_framework(module: str, package: str, error: ImportError) -> Callable
         raise AttributeError(f"module {module!r} has no attribute {name!r}")
 
     return __getattr__
+
+
+_CALLBACK_DOC = """A Lightning ``Callback`` that runs the LightningModule's Conv->BN blocks in a convbn mode.
+
+Args:
+    mode: ``"tune"`` (default), ``"eval"`` or ``"train"`` (``"deploy"`` is refused: use ``export_deployed``).
+    filter_fn: passed to :func:`convbn.convert` (``filter_fn(module, qualified_name) -> bool``, names
+        relative to the converted module).
+    module: attribute path of the submodule to convert (``"model"``, ``"net.backbone"``); default the
+        LightningModule itself.
+    example_inputs, recompute, fission, low_memory: passed to :func:`convbn.convert`.
+    recalibrate_batches: ``None`` (default, no recalibration), ``"train"`` (the trainer's train dataloader)
+        or an iterable of batches, for :func:`convbn.recalibrate` at fit end.
+    recalibrate_num_batches, recalibrate_average: :func:`convbn.recalibrate`'s ``num_batches`` and ``average``.
+    forward_fn: ``forward_fn(module, batch)`` for recalibration; default: the batch, or its first element,
+        moved to the module's device.
+    export_deployed: ``True``: ``callback.deployed = convbn.deploy(module)`` at fit end; a path: also
+        ``torch.save`` it there.
+
+Attributes:
+    report: :func:`convbn.report` of the conversion (after fit start).
+    recalibration: the :class:`convbn.RecalibrationReport` (after fit end, if recalibrated).
+    deployed: the folded copy (after fit end, if ``export_deployed``).
+
+Example:
+    >>> from {module} import ConvBNCallback
+    >>> ConvBNCallback("tune", filter_fn=lambda m, name: name.startswith("backbone.")).mode
+    'tune'
+"""
+
+
+def make_callback(base: type, module: str) -> type:
+    """``ConvBNCallback`` for one framework: :class:`ConvBNCallbackLogic` mixed into its ``Callback`` ``base``,
+    documented (and doctested) as a class of ``module``."""
+    namespace = {"__doc__": _CALLBACK_DOC.format(module=module), "__module__": module,
+                 "__qualname__": "ConvBNCallback"}
+    return types.new_class("ConvBNCallback", (ConvBNCallbackLogic, base), exec_body=lambda ns: ns.update(namespace))

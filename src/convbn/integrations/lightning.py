@@ -24,7 +24,7 @@ Usage (the runnable example is in ``docs/integrations/lightning.md``, run by the
 
 from __future__ import annotations
 
-from ._callback import ConvBNCallbackLogic, missing_framework
+from ._callback import make_callback, missing_framework
 
 __all__ = ["ConvBNCallback"]
 
@@ -37,32 +37,4 @@ except ImportError as _error:  # the module imports without the framework; the c
 if _pl is None:
     __getattr__ = missing_framework(__name__, "lightning", _missing)
 else:
-
-    class ConvBNCallback(ConvBNCallbackLogic, _pl.Callback):
-        """A Lightning ``Callback`` that runs the LightningModule's Conv->BN blocks in a convbn mode.
-
-        Args:
-            mode: ``"tune"`` (default), ``"eval"`` or ``"train"`` (``"deploy"`` is refused: use ``export_deployed``).
-            filter_fn: passed to :func:`convbn.convert` (``filter_fn(module, qualified_name) -> bool``, names
-                relative to the converted module).
-            module: attribute path of the submodule to convert (``"model"``, ``"net.backbone"``); default the
-                LightningModule itself.
-            example_inputs, recompute, fission, low_memory: passed to :func:`convbn.convert`.
-            recalibrate_batches: ``None`` (default, no recalibration), ``"train"`` (the trainer's train dataloader)
-                or an iterable of batches, for :func:`convbn.recalibrate` at fit end.
-            recalibrate_num_batches, recalibrate_average: :func:`convbn.recalibrate`'s ``num_batches`` and ``average``.
-            forward_fn: ``forward_fn(module, batch)`` for recalibration; default: the batch, or its first element,
-                moved to the module's device.
-            export_deployed: ``True``: ``callback.deployed = convbn.deploy(module)`` at fit end; a path: also
-                ``torch.save`` it there.
-
-        Attributes:
-            report: :func:`convbn.report` of the conversion (after fit start).
-            recalibration: the :class:`convbn.RecalibrationReport` (after fit end, if recalibrated).
-            deployed: the folded copy (after fit end, if ``export_deployed``).
-
-        Example:
-            >>> from convbn.integrations.lightning import ConvBNCallback
-            >>> ConvBNCallback("tune", filter_fn=lambda m, name: name.startswith("backbone.")).mode
-            'tune'
-        """
+    ConvBNCallback = make_callback(_pl.Callback, __name__)
