@@ -58,6 +58,7 @@ def _converted(model, **kw):
 @pytest.mark.parametrize("name", list(MODELS))
 def test_gradients_are_bitwise_fissions_and_match_plain_train(name, dtype):
     cls, shape = MODELS[name]
+    torch.manual_seed(0)
     base = randomize_all_bn(cls()).to(dtype)
     x = torch.randn(*shape, dtype=dtype) * 3 + 1
     fission, low = _converted(base), _converted(base, low_memory=True)
@@ -71,15 +72,16 @@ def test_gradients_are_bitwise_fissions_and_match_plain_train(name, dtype):
     if dtype == torch.float64:  # floor: a conv bias before a train BN has a zero gradient in exact arithmetic
         assert_same_step((got_l[0], dict(zip(names, got_l[1]))), (ref[0], dict(zip(names, ref[1]))), 1e-10, 1e-9)
         return
-    # float32: against a float64 truth, no worse than plain PyTorch's own float32 step
+    # float32: against a float64 truth, no worse than plain PyTorch's own float32 step -- the output per element,
+    # the gradients by global L2 (a ReLU input within rounding of 0 flips its mask in one float32 implementation
+    # and not the other: a few entries of a gradient differ by O(1) relative, in plain PyTorch too)
     truth = _step(copy.deepcopy(base).double(), x.double(), g.double())
-    scale = max(float(t.abs().max()) for t in truth[1])
-    for name, a, p, t in zip(["output", *names], [got_l[0], *got_l[1]], [ref[0], *ref[1]], [truth[0], *truth[1]]):
-        err, plain = (float((v.double() - t).abs().max()) for v in (a, p))
-        if float(t.abs().max()) <= 1e-9 * scale:  # zero in exact arithmetic: both at float32's noise floor
-            assert err <= max(4 * plain, 1e-5 * scale), (name, err, plain)
-        else:
-            assert err <= 2 * plain + 1e-6 * float(t.abs().max()), (name, err, plain)
+    out_err, out_plain = (float((v.double() - truth[0]).abs().max()) for v in (got_l[0], ref[0]))
+    assert out_err <= 2 * out_plain + 1e-6 * float(truth[0].abs().max()), (out_err, out_plain)
+    norm = torch.cat([t.flatten() for t in truth[1]]).norm()
+    err, plain = (float(torch.cat([(v.double() - t).flatten() for v, t in zip(vs, truth[1])]).norm() / norm)
+                  for vs in (got_l[1], ref[1]))
+    assert err <= 2 * plain + 1e-6, (err, plain)
 
 
 @pytest.mark.parametrize("name", list(MODELS))
