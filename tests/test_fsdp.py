@@ -90,9 +90,10 @@ def _graph_nodes(loss):
     return names
 
 
-# the Function each mode's blocks run (3 blocks), read off the autograd graph
-FUSED = {"tune": "TuneConvBNFunctionBackward", "train+recompute": "RecomputeConvBNFunctionBackward",
-         "train+fission": "BNReLUTrainFunctionBackward"}
+# the Function each mode's blocks run (3 blocks), read off the autograd graph (eager calls run its twin
+# without setup_context: convbn.functions._conv.eager_twin)
+FUSED = {"tune": "TuneConvBNFunctionEagerBackward", "train+recompute": "RecomputeConvBNFunctionEagerBackward",
+         "train+fission": "BNReLUTrainFunctionEagerBackward"}
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:

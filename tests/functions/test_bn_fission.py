@@ -391,3 +391,33 @@ def test_custom_ops_pass_opcheck(backend, layout):
         ]
     for op, args in cases:
         torch.library.opcheck(op, args)
+
+
+def test_eager_calls_skip_argument_binding_and_torch_func_uses_setup_context(backend, monkeypatch):
+    """Eager calls take the ``forward(ctx, ...)`` Function, whose ``apply`` does not bind its arguments
+    with ``inspect`` (~40 us a layer); inside a ``torch.func`` transform the ``setup_context`` Function is
+    used. Both give the same gradients."""
+    import inspect
+
+    binds = []
+    real_bind = inspect.Signature.bind
+    monkeypatch.setattr(inspect.Signature, "bind", lambda self, *a, **k: binds.append(1) or real_bind(self, *a, **k))
+    torch.manual_seed(3)
+    x = _input((4, 6, 5, 5), "contiguous").requires_grad_()
+    w = torch.empty(6).uniform_(0.05, 1.5).requires_grad_()
+    b = torch.randn(6, requires_grad=True)
+    dy = torch.randn(x.shape)
+
+    z = bn_relu_train(x, w, b, torch.zeros(6), torch.ones(6), torch.tensor(0), 0.1, 1e-5)
+    assert type(z.grad_fn).__name__ == "BNReLUTrainFunctionEagerBackward"
+    eager = torch.autograd.grad(z, (x, w, b), dy)
+    assert binds == []
+    BNReLUTrainFunction.apply(x, w, b, 1e-5, True)  # (the setup_context Function does bind: the probe works)
+    assert binds
+
+    def loss(x, w, b):
+        return (bn_relu_train(x, w, b, None, None, None, 0.1, 1e-5) * dy).sum()
+
+    functional = torch.func.grad(loss, argnums=(0, 1, 2))(x.detach(), w.detach(), b.detach())
+    for got, want in zip(functional, eager):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -125,6 +125,34 @@ def test_a_rejected_one_value_batch_counts_like_plain_pytorch(variant):
     assert_same_state(model, ref, 1e-12)
 
 
+# ------------------------------------------------------------------ eager calls: the Functions' twins
+@pytest.mark.parametrize("variant", ["tune", "recompute", "fission"])
+def test_eager_calls_run_the_twin_without_argument_binding(variant, monkeypatch):
+    """An eager step runs each Function's twin (``forward(ctx, ...)``: ``Function.apply`` binds no
+    arguments with ``inspect``), equal to plain PyTorch; under ``torch.func`` the ``setup_context``
+    Function runs (the next tests)."""
+    import inspect
+
+    binds = []
+    real_bind = inspect.Signature.bind
+    monkeypatch.setattr(inspect.Signature, "bind", lambda self, *a, **k: binds.append(1) or real_bind(self, *a, **k))
+    ref = block().train(variant != "tune")
+    model = converted(ref, variant)
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    out, want = model(x), ref(x)
+    names = {type(out.grad_fn).__name__}
+    names |= {type(n).__name__ for n, _ in out.grad_fn.next_functions if n is not None}
+    fn = {"tune": "TuneConvBNFunction", "recompute": "RecomputeConvBNFunction", "fission": "BNReLUTrainFunction"}
+    assert f"{fn[variant]}EagerBackward" in names, names
+    dy = torch.randn_like(want)
+    got = torch.autograd.grad(out, [x, *model.parameters()], dy)
+    expected = torch.autograd.grad(want, [x, *ref.parameters()], dy)
+    assert binds == []
+    assert_close_rel(out, want, 1e-12, "output")
+    for (name, _), a, b in zip([("x", None), *model.named_parameters()], got, expected):
+        assert_grad_close(a, b, name, variant, scale=expected[1])
+
+
 # ------------------------------------------------------------------ torch.func
 def _functional_loss(model, x):
     def loss(params, buffers):

@@ -19,7 +19,7 @@ from torch import Tensor
 from ..errors import ConvBNError
 
 __all__ = ["ConvSpec", "channel_dtype", "FLOAT64_DEVICES", "autocast_dtype", "layer", "channel_view", "threads", "ptr",
-           "plain_host_tensor", "signature_cached",
+           "plain_host_tensor", "signature_cached", "eager_twin", "apply_function",
            "InputDTypeError", "check_input_dtype", "has_values", "is_functorch_wrapped", "is_batched",
            "TorchFuncBufferError", "running_stats_update", "cumulative_factor"]
 
@@ -30,6 +30,40 @@ def signature_cached(forward):
     Function costs here); ``inspect.signature`` returns a precomputed ``__signature__`` instead."""
     forward.__signature__ = inspect.signature(forward)
     return forward
+
+
+def eager_twin(cls):
+    """Class decorator for an ``autograd.Function`` with ``forward`` + ``setup_context``: gives it a twin
+    (``cls._eager``) whose combined ``forward(ctx, *args)`` runs the same ``forward`` then the same
+    ``setup_context``, and inherits everything else (``backward``, ``vmap`` rule). ``Function.apply`` binds
+    a ``setup_context`` Function's arguments with ``inspect`` on every call, ~40 us a layer;
+    :func:`apply_function` calls the twin where ``torch.func`` and ``torch.compile`` are not involved
+    (they need ``setup_context``)."""
+    params = tuple(inspect.signature(cls.forward).parameters.values())
+    defaults = tuple(p.default for p in params)
+    forward, setup_context = cls.forward, cls.setup_context
+
+    def combined(ctx, *args):
+        if len(args) < len(params):  # (callers pass positional arguments only)
+            args = args + defaults[len(args):]
+        output = forward(*args)
+        setup_context(ctx, args, output)
+        return output
+
+    cls._eager = type(f"{cls.__name__}Eager", (cls,), {
+        "__doc__": f"{cls.__name__} without ``setup_context`` (see :func:`convbn.functions._conv.eager_twin`).",
+        "__module__": cls.__module__,
+        "forward": staticmethod(combined),
+        "setup_context": staticmethod(torch.autograd.Function.setup_context)})  # (the combined style)
+    return cls
+
+
+def apply_function(cls, *args):
+    """``cls.apply(*args)``, through its :func:`eager_twin` unless compiling or inside a ``torch.func``
+    transform on this thread."""
+    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
+        return cls.apply(*args)
+    return cls._eager.apply(*args)
 
 
 @dataclass(frozen=True)

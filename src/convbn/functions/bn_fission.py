@@ -42,7 +42,8 @@ from torch import Tensor
 from ..errors import ConvBNError
 from ..ops import bn_fission as ops
 from ..ops._build import use_extension
-from ._conv import cumulative_factor, is_batched, is_functorch_wrapped, running_stats_update, signature_cached
+from ._conv import (apply_function, cumulative_factor, eager_twin, is_batched, is_functorch_wrapped,
+                    running_stats_update, signature_cached)
 
 __all__ = [
     "BNReLUTrainFunction",
@@ -124,6 +125,21 @@ def bn_relu_train_backward(
             gb if need_b and bias is not None else None)
 
 
+def _fission_forward(x, weight, bias, eps, relu, stats, running, wrapped: bool):
+    """The Functions' forward: the op (or, for ``torch.func`` wrappers, its reference) and the
+    running-statistics update; ``(out, mean, var, invstd)``."""
+    rm, rv, factor = running if running is not None else (None, None, 0.0)
+    later = isinstance(factor, Tensor)  # a factor on the device: the update after the op, in torch ops
+    mean, var = stats if stats is not None else (None, None)
+    fwd = ops.forward_reference if wrapped else ops.forward
+    out, mean, var, invstd = fwd(x, weight, bias, mean, var, None if later else rm, None if later else rv,
+                                 0.0 if later else float(factor), float(eps), bool(relu))
+    if later:
+        ops.update_running_stats(rm, rv, mean, var, x.numel() // x.shape[1], factor)
+    return out, mean, var, invstd
+
+
+@eager_twin
 class BNReLUTrainFunction(torch.autograd.Function):
     """Train-mode BatchNorm (+ReLU) by Fission; returns ``(out, mean, var, invstd)`` (per-channel dtype:
     float64 on the CPU, float32 elsewhere unless ``x`` is float64; ``var`` biased).
@@ -136,7 +152,8 @@ class BNReLUTrainFunction(torch.autograd.Function):
     Differentiable twice: with ``create_graph=True`` backward is computed by the aten ops plain
     PyTorch's BN backward uses (twice differentiable, see :func:`_differentiable_backward`). ``forward`` +
     ``setup_context``, so ``torch.func.grad``/``jacrev`` work; ``vmap`` with running statistics is
-    refused (``ConvBNError``).
+    refused (``ConvBNError``). :func:`bn_relu_train` calls it through
+    :func:`~convbn.functions._conv.apply_function` (eager calls skip ``inspect``'s argument binding).
     """
 
     generate_vmap_rule = True
@@ -144,20 +161,13 @@ class BNReLUTrainFunction(torch.autograd.Function):
     @staticmethod
     @signature_cached
     def forward(x, weight, bias, eps, relu, stats=None, running=None):  # type: ignore[override]
-        rm, rv, factor = running if running is not None else (None, None, 0.0)
-        if rm is not None or rv is not None:
+        if running is not None and (running[0] is not None or running[1] is not None):
             _refuse_vmap(x)
         if running is not None and torch.compiler.is_compiling():
             raise RuntimeError("BNReLUTrainFunction: under torch.compile the caller updates the running "
                                "statistics (bn_relu_train does)")
-        later = isinstance(factor, Tensor)  # a factor on the device: the update after the op, in torch ops
-        mean, var = stats if stats is not None else (None, None)
-        fwd = ops.forward_reference if _wrapped(x, weight, bias, rm, rv) else ops.forward
-        out, mean, var, invstd = fwd(x, weight, bias, mean, var, None if later else rm, None if later else rv,
-                                     0.0 if later else float(factor), float(eps), bool(relu))
-        if later:
-            ops.update_running_stats(rm, rv, mean, var, x.numel() // x.shape[1], factor)
-        return out, mean, var, invstd
+        rm, rv = running[:2] if running is not None else (None, None)
+        return _fission_forward(x, weight, bias, eps, relu, stats, running, _wrapped(x, weight, bias, rm, rv))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -289,7 +299,7 @@ def _bn_relu_train(x, weight, bias, running_mean, running_var, num_batches_track
     # for a factor on the device), so torch.func transforms see no mutation of a captured buffer;
     # compiled graphs update them here, outside the Function.
     running = (running_mean, running_var, factor) if tracked and not compiling else None
-    out, mean, var, _ = BNReLUTrainFunction.apply(x, weight, bias, float(eps), bool(relu), stats, running)
+    out, mean, var, _ = apply_function(BNReLUTrainFunction, x, weight, bias, float(eps), bool(relu), stats, running)
     if tracked and running is None:
         ops.update_running_stats(running_mean, running_var, mean, var, x.numel() // c, factor)
     return out, mean, var

@@ -57,8 +57,8 @@ import torch
 from torch import Tensor
 
 from ..errors import ConvBNError
-from ._conv import (ConvSpec, autocast_dtype, check_input_dtype, cumulative_factor, is_batched, is_functorch_wrapped,
-                    running_stats_update, signature_cached)
+from ._conv import (ConvSpec, apply_function, autocast_dtype, check_input_dtype, cumulative_factor, eager_twin,
+                    is_batched, is_functorch_wrapped, running_stats_update, signature_cached)
 from ._conv import layer as _layer
 
 __all__ = [
@@ -286,6 +286,7 @@ def _refuse_vmap_with_running_stats(who: str, tensors: Sequence[Optional[Tensor]
             "torch.func.replace_all_batch_norm_modules_, or BatchNorm(track_running_stats=False)")
 
 
+@eager_twin
 class RecomputeConvBNFunction(torch.autograd.Function):
     """Conv/ConvTranspose/Linear -> BatchNorm (batch statistics) -> optional ReLU, recomputing ``y``.
 
@@ -464,7 +465,7 @@ def recompute_conv_bn(
     """
     _validate(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
               momentum, eps, spec)
-    out = RecomputeConvBNFunction.apply(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+    out = apply_function(RecomputeConvBNFunction, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
                                         num_batches_tracked, None if momentum is None else float(momentum),
                                         float(eps), spec, bool(relu))
     return out

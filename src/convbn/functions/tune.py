@@ -35,7 +35,8 @@ import torch
 from torch import Tensor
 
 from ..ops import tune as ops
-from ._conv import ConvSpec, autocast_dtype, channel_view, check_input_dtype, is_functorch_wrapped, signature_cached
+from ._conv import (ConvSpec, apply_function, autocast_dtype, channel_view, check_input_dtype, eager_twin,
+                    is_functorch_wrapped, signature_cached)
 from ._conv import has_values as plain_tensor_values
 from ._conv import layer as _layer
 
@@ -225,6 +226,7 @@ def tune_backward(
             dbeta if need_beta else None)
 
 
+@eager_twin
 class TuneConvBNFunction(torch.autograd.Function):
     """Conv/Linear followed by BN-with-running-statistics, folded on the fly.
 
@@ -331,5 +333,5 @@ def tune_conv_bn(
         n = weight.dim() - 2
         spec = ConvSpec(_tuple(stride, n), _tuple(padding, n), _tuple(dilation, n), bool(transposed),
                         _tuple(output_padding, n), int(groups))
-    return TuneConvBNFunction.apply(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, float(eps),
-                                    spec)[0]
+    return apply_function(TuneConvBNFunction, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                          float(eps), spec)[0]

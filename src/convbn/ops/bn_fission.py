@@ -162,12 +162,16 @@ def _kernel(x: Tensor, *groups, strided: bool = False) -> Optional[Tuple[ctypes.
     if nlc is None:
         return None
     flags = []
-    for group in groups:
-        ts = [t for t in group if t is not None]
-        if any(t.device.type != "cpu" or t.dtype not in _FLOATS or not t.is_contiguous() or t.dtype != ts[0].dtype
-               for t in ts):
-            return None
-        flags.append(int(bool(ts) and ts[0].dtype == torch.float64))
+    for group in groups:  # (a plain loop: this runs twice per layer and step)
+        dtype = None
+        for t in group:
+            if t is None:
+                continue
+            if dtype is None:
+                dtype = t.dtype
+            if t.dtype is not dtype or dtype not in _FLOATS or t.device.type != "cpu" or not t.is_contiguous():
+                return None
+        flags.append(int(dtype is torch.float64))
     lib = LIB.get()
     if lib is None:
         return None

@@ -6,6 +6,7 @@ from typing import List, Optional
 
 from torch import Tensor, nn
 
+from ..functions._conv import apply_function
 from ..functions.train_recompute import RecomputeConvBNFunction
 from ..norms import uses_batch_stats
 from .base import conv_input_and_spec, momentum_of
@@ -32,7 +33,8 @@ class RecomputeBlock(TuneBlock):
         x, spec = (input, None) if isinstance(conv, nn.Linear) else conv_input_and_spec(conv, input, output_size)
         p = self.params()
         track = bn.training and bn.track_running_stats
-        out = RecomputeConvBNFunction.apply(
+        out = apply_function(
+            RecomputeConvBNFunction,
             x, conv.weight, conv.bias, p.weight, p.bias,
             p.running_mean if track else None, p.running_var if track else None,
             bn.num_batches_tracked if track else None, momentum_of(bn), p.eps, spec, self._relu_now)

@@ -7,6 +7,7 @@ from typing import List, Optional
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..functions._conv import apply_function
 from ..functions.tune import TuneConvBNFunction
 from .base import Block, conv_input_and_spec, stock_layer_forward
 
@@ -36,8 +37,8 @@ class TuneBlock(Block):
     def folded(self, input: Tensor, output_size: Optional[List[int]]) -> Tensor:
         conv, p = self.conv, self.params()
         x, spec = (input, None) if isinstance(conv, nn.Linear) else conv_input_and_spec(conv, input, output_size)
-        return TuneConvBNFunction.apply(x, conv.weight, conv.bias, p.weight, p.bias, p.running_mean, p.running_var,
-                                        p.eps, spec)[0]
+        return apply_function(TuneConvBNFunction, x, conv.weight, conv.bias, p.weight, p.bias, p.running_mean,
+                              p.running_var, p.eps, spec)[0]
 
     def unfused_linear(self, input: Tensor) -> Tensor:
         # BatchNorm1d on 3-D input normalizes axis 1, not the Linear's feature axis: not foldable.
