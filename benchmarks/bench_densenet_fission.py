@@ -24,13 +24,12 @@ import argparse
 import copy
 import functools
 import json
-import time
 from pathlib import Path
 
 import torch
 
 import convbn
-from convbn.bench.timing import add_benchmark_args, isolated_interleaved_timings, parameter_step
+from convbn.bench.timing import FirstStepLog, add_benchmark_args, isolated_interleaved_timings, parameter_step
 from convbn.icf import root_hooks
 
 
@@ -60,10 +59,7 @@ def build_step(variant: str, batch: int, size: int, compile_log: str = ""):
         model = _no_bn(model)
     if variant.endswith("compiled"):
         model = torch.compile(model)
-        t0 = time.perf_counter()
-        parameter_step(model, x)()
-        with open(compile_log, "a") as f:
-            f.write(json.dumps({variant: time.perf_counter() - t0}) + "\n")
+        FirstStepLog.time_first_step(compile_log, variant, parameter_step(model, x))
     return parameter_step(model, x)
 
 
@@ -98,16 +94,11 @@ def main() -> None:
     icf = {"swept_channels": cache.swept_channels - swept0, "reused_channels": cache.reused_channels - reused0}
 
     variants = ["eager", "fission"] + ([] if args.no_compile else ["compiled", "fission+compiled"]) + ["no_bn_floor"]
-    compile_log = Path(args.out).with_suffix(".compile.jsonl")
-    compile_log.unlink(missing_ok=True)
+    compile_log = FirstStepLog(args.out)
     timing = isolated_interleaved_timings(
-        {v: functools.partial(build_step, v, args.batch, args.size, str(compile_log)) for v in variants},
+        {v: functools.partial(build_step, v, args.batch, args.size, compile_log.path) for v in variants},
         rounds=args.rounds, warmup=args.warmup)
-    compile_s = {}
-    if compile_log.exists():
-        for line in compile_log.read_text().splitlines():
-            compile_s.update(json.loads(line))
-        compile_log.unlink()
+    compile_s = compile_log.read()
     ratios = {k: timing.ratio(k, "eager") for k in variants if k != "eager"}
     result = {
         "setup": {"model": "monai DenseNet121 (2-D), train mode", "batch": args.batch, "size": args.size,

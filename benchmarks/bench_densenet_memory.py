@@ -23,14 +23,13 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import time
 from pathlib import Path
 
 import torch
 
 import convbn
 from convbn.bench.peak import peak_live_tensor_bytes, retained_bytes
-from convbn.bench.timing import add_benchmark_args, isolated_interleaved_timings, parameter_step
+from convbn.bench.timing import FirstStepLog, add_benchmark_args, isolated_interleaved_timings, parameter_step
 
 VARIANTS = ("eager", "compiled", "memory_efficient", "fission", "fission+low_memory")
 
@@ -57,10 +56,7 @@ def build(model_name: str, variant: str, batch: int, size: int):
 def build_step(model_name: str, variant: str, batch: int, size: int, compile_log: str = ""):
     model, x = build(model_name, variant, batch, size)
     if variant == "compiled":
-        t0 = time.perf_counter()
-        parameter_step(model, x)()
-        with open(compile_log, "a") as f:
-            f.write(json.dumps({variant: time.perf_counter() - t0}) + "\n")
+        FirstStepLog.time_first_step(compile_log, variant, parameter_step(model, x))
     return parameter_step(model, x)
 
 
@@ -87,16 +83,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     mem = {v: memory(args.model, v, args.batch, args.size) for v in variants if v != "compiled"}
-    compile_log = Path(args.out).with_suffix(".compile.jsonl")
-    compile_log.unlink(missing_ok=True)
+    compile_log = FirstStepLog(args.out)
     timing = isolated_interleaved_timings(
-        {v: functools.partial(build_step, args.model, v, args.batch, args.size, str(compile_log)) for v in variants},
+        {v: functools.partial(build_step, args.model, v, args.batch, args.size, compile_log.path) for v in variants},
         rounds=args.rounds, warmup=args.warmup, threads=args.threads)
-    compile_s = {}
-    if compile_log.exists():
-        for line in compile_log.read_text().splitlines():
-            compile_s.update(json.loads(line))
-        compile_log.unlink()
+    compile_s = compile_log.read()
     ratios = {v: timing.ratio(v, "eager") for v in variants if v != "eager"}
     result = {
         "setup": {"model": f"{args.model} densenet121, train mode", "batch": args.batch, "size": args.size,

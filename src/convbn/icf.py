@@ -144,14 +144,14 @@ class StatsCache:
         pieces again in every layer: each must be measured once, not once per layer)."""
         if not self.trusted(out):
             return
-        pieces, offset = [], 0
-        for p in parts:
-            ref = (weakref.ref(p), p._version) if self.trusted(p) else None
+        pieces, offset, trust = [], 0, [self.trusted(p) for p in parts]  # (asked once, for both records)
+        for p, trusted in zip(parts, trust):
+            ref = (weakref.ref(p), p._version) if trusted else None
             pieces.append((offset, p.shape[1], self._cached(p), ref))
             offset += p.shape[1]
         self.cats[id(out)] = (weakref.ref(out), out._version, pieces)
         if self.storing_recipes:
-            self.recipes.record_cat(out, parts, self.trusted)
+            self.recipes.record_cat(out, parts, trust)
 
     def _piece(self, ref) -> Optional[Tensor]:
         """The piece a cat copied, if it is still alive, trusted and unchanged since (its data is then

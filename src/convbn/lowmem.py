@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -149,17 +149,17 @@ class SavedRecipes:
         return None
 
     # ---------------------------------------------------------------- registration (during the forward)
-    def record_cat(self, out: Tensor, parts: List[Tensor], trusted: Callable[[Tensor], bool]) -> None:
+    def record_cat(self, out: Tensor, parts: List[Tensor], trusted: Sequence[bool]) -> None:
         """``out = cat(parts, dim=1)``: stored as its leaves (a part that is itself an unchanged recorded
         concatenation contributes its leaves: MONAI's DenseNet concatenates the previous concatenation).
-        Every part must be trusted (produced in this forward, see :mod:`convbn.icf`), else ``out`` is stored
-        as itself."""
+        Every part must be trusted (``trusted[i]``: produced in this forward, see :mod:`convbn.icf`), else
+        ``out`` is stored as itself."""
         leaves: List[_Held] = []
-        for p in parts:
+        for p, trust in zip(parts, trusted):
             sub = self._recipe(p)
             if isinstance(sub, _Cat) and sub.valid():
                 leaves.extend(sub.leaves)
-            elif trusted(p):
+            elif trust:
                 leaves.append(_Held(p, "a piece of a torch.cat"))
             else:
                 return

@@ -182,3 +182,18 @@ def test_isolated_workers_get_the_steady_allocator_and_the_parent_keeps_its_envi
     isolated_interleaved_timings({"w": functools.partial(_allocator_checker, expected)}, rounds=1, warmup=0,
                                  threads=1, steady_allocator=steady)
     assert all(k not in os.environ for k in STEADY_ALLOCATOR_ENV)
+
+
+def test_first_step_log_collects_each_workers_seconds_and_drops_a_stale_file(tmp_path):
+    out = tmp_path / "bench.json"
+    stale = tmp_path / "bench.first_step.jsonl"
+    stale.write_text(json.dumps({"old": 1.0}) + "\n")
+    log = timing_mod.FirstStepLog(str(out))
+    assert log.path == str(stale) and not stale.exists()
+    calls: List[int] = []
+    for name in ("compiled", "fission+compiled"):
+        timing_mod.FirstStepLog.time_first_step(log.path, name, lambda: calls.append(1))
+    seconds = log.read()
+    assert sorted(seconds) == ["compiled", "fission+compiled"] and calls == [1, 1]
+    assert all(s >= 0 for s in seconds.values()) and not stale.exists()
+    assert log.read() == {}

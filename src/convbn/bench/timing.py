@@ -9,6 +9,7 @@ two variants is taken *within* each round and then summarised across rounds.
 from __future__ import annotations
 
 import gc
+import json
 import math
 import os
 import random
@@ -17,7 +18,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-__all__ = ["Ratio", "TimingResult", "interleaved_timings", "isolated_interleaved_timings", "round_orders"]
+__all__ = ["Ratio", "TimingResult", "interleaved_timings", "isolated_interleaved_timings", "round_orders",
+           "parameter_step", "add_benchmark_args", "FirstStepLog"]
 
 
 def _quantile(values: Sequence[float], q: float) -> float:
@@ -354,6 +356,50 @@ def parameter_step(model: Any, x: Any) -> Callable[[], None]:
         model(x).sum().backward()
 
     return run
+
+
+class FirstStepLog:
+    """Seconds of each variant's first step (a ``torch.compile`` variant's compile time), reported by the
+    variants' worker processes (:func:`isolated_interleaved_timings`) through a JSON-lines file.
+
+    The parent creates it (removing a stale file) and hands :attr:`path`, a string, to the workers'
+    factories; a worker calls :meth:`time_first_step`; the parent reads the seconds back with :meth:`read`,
+    which removes the file.
+
+    Example:
+        >>> import tempfile, os
+        >>> log = FirstStepLog(os.path.join(tempfile.mkdtemp(), "out.json"))
+        >>> FirstStepLog.time_first_step(log.path, "compiled", lambda: None)
+        >>> sorted(log.read()), os.path.exists(log.path)
+        (['compiled'], False)
+    """
+
+    def __init__(self, out: str) -> None:
+        root, _ = os.path.splitext(str(out))
+        self.path = root + ".first_step.jsonl"
+        if os.path.exists(self.path):
+            os.remove(self.path)
+
+    @staticmethod
+    def time_first_step(path: str, variant: str, step: Callable[[], Any]) -> None:
+        """Run ``step`` once (in a worker) and append ``{variant: seconds}`` to ``path``."""
+        t0 = time.perf_counter()
+        step()
+        seconds = time.perf_counter() - t0
+        with open(path, "a") as f:
+            f.write(json.dumps({variant: seconds}) + "\n")
+
+    def read(self) -> Dict[str, float]:
+        """``{variant: seconds}`` of every worker that reported, and remove the file."""
+        if not os.path.exists(self.path):
+            return {}
+        seconds: Dict[str, float] = {}
+        with open(self.path) as f:
+            for line in f:
+                if line.strip():
+                    seconds.update(json.loads(line))
+        os.remove(self.path)
+        return seconds
 
 
 def add_benchmark_args(parser: Any, *, batch: int = 16, size: int = 112, rounds: int = 12, warmup: int = 2,
