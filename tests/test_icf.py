@@ -274,3 +274,39 @@ def test_user_hooks_on_the_root_are_untouched():
     convbn.revert(model)
     model(torch.randn(2, 8, 4, 4))
     assert calls == ["user", "user"] and len(model._forward_hooks) == 1
+
+
+class ListDenseGap(ListDense):
+    """A piece changes in place after later pieces were measured: the next cat has a gap before known ones."""
+
+    def forward(self, x):
+        features = [x * 1.0]
+        for i, layer in enumerate(self.layers):
+            features.append(layer(torch.cat(features, 1)))
+            if i == 2:
+                features[1].mul_(-2).add_(1)
+        return self.norm(torch.cat(features, 1))
+
+
+@pytest.mark.parametrize("cls, separate", [(TinyDense, 0), (ListDense, 0), (ListDenseInPlace, 0), (ListDenseGap, 1)])
+def test_new_pieces_are_measured_in_the_fused_forward_not_by_a_separate_sweep(monkeypatch, cls, separate):
+    """Reused statistics cover a concatenation's *leading* pieces; the trailing new ones (a DenseNet layer's
+    fresh features) are measured by the BN's own fused forward in its normalize pass -- no extra statistics
+    op per layer. Only a gap (a piece changed in place, followed by known ones) is swept on its own."""
+    import convbn.runtime.fission as fission_runtime
+
+    calls = []
+    sweep = fission_runtime.channel_statistics
+    monkeypatch.setattr(fission_runtime, "channel_statistics", lambda t: calls.append(t.shape[1]) or sweep(t))
+    model = randomize_all_bn(cls())
+    ref = copy.deepcopy(model)
+    convbn.convert(model, "train", fission=True)
+    with torch.no_grad():
+        x = torch.randn(4, 8, 6, 6)
+        assert_close_rel(model(x), ref(x), 2e-5, "output")
+    # ListDenseInPlace: the changed piece is trailing (with the new one) in the next cat: no gap. ListDenseGap:
+    # the changed 4-channel piece sits before measured ones in the last layer's cat: swept alone, once (the
+    # final norm's cat then reuses it)
+    assert calls == [4] * separate
+    cache = root_hooks(model).cache
+    assert cache.reused_channels > 0

@@ -3,8 +3,11 @@ the concatenations of a DenseNet.
 
 A dense block's layer ``k`` normalizes ``cat([x_0, ..., x_{k-1}], dim=1)``. Per-channel batch
 statistics of a channel-concatenation are the concatenation of its pieces' statistics, so once a
-piece has been measured it never needs another sweep: each BN then sweeps only the channels it has
-not seen -- O(L) statistic sweeps per dense block instead of O(L^2).
+piece has been measured it never needs another sweep: each BN then measures only the channels it has
+not seen -- O(L) statistics work per dense block instead of O(L^2). The known channels are a leading
+run of pieces (in a DenseNet: every earlier layer's features); the trailing new ones are measured by
+the BN's own fused forward in its normalize pass (``bn_fission_forward`` with the first ``K``
+channels' statistics given), so no layer pays for an extra statistics op.
 
 How it is wired, without touching the user's code: while a fission-converted model runs forward in
 eager mode, a ``TorchFunctionMode`` (entered and left by forward hooks on the root module, the
@@ -67,8 +70,9 @@ class StatsCache:
     def __init__(self) -> None:
         self.stats: Dict[int, Tuple[weakref.ref, int, Tensor, Tensor]] = {}
         # id(cat output) -> (weakref, version, [(channel offset, channels, piece stats or None,
-        #                                         (weakref to the piece, its version) or None)])
-        self.cats: Dict[int, Tuple[weakref.ref, int, List[tuple]]] = {}
+        #                                         weakref to the piece or None, its version)])
+        self.cats: Dict[int, CatRecord] = {}
+        self.last_cat: Optional[CatRecord] = None  # the latest concatenation recorded in this forward
         self.produced: Dict[int, weakref.ref] = {}  # id -> tensor, for every op output of this forward
         self.keys: Dict[int, Optional[int]] = {}  # id(produced tensor) -> its storage key, once asked
         self.escaped: Set[int] = set()  # storages whose memory was handed out untracked during this forward
@@ -90,6 +94,7 @@ class StatsCache:
             self.recipes.clear()
         self.stats.clear()
         self.cats.clear()
+        self.last_cat = None
         self.produced.clear()
         self.keys.clear()
         self.escaped.clear()
@@ -140,28 +145,59 @@ class StatsCache:
         """Remember ``out = cat(parts, dim=1)`` with each piece's statistics *as of now* (the data the
         cat copied), so they stay usable after the piece itself is freed (e.g. under no_grad), and a
         weak reference to each trusted piece with its version, so statistics measured later for the
-        concatenation are stored under the piece too (torchvision's DenseNet concatenates the same
-        pieces again in every layer: each must be measured once, not once per layer)."""
+        concatenation are stored under the piece too.
+
+        torchvision's DenseNet concatenates the list of all earlier pieces again in every layer: when
+        the previous concatenation's pieces, unchanged, lead this one's (the common case), the record
+        links to it -- its measured statistics are this cat's leading channels' -- and only the new
+        pieces are examined, so a layer's bookkeeping does not grow with its depth."""
         if not self.trusted(out):
             return
-        pieces, offset, trust = [], 0, [self.trusted(p) for p in parts]  # (asked once, for both records)
-        for p, trusted in zip(parts, trust):
-            ref = (weakref.ref(p), p._version) if trusted else None
-            pieces.append((offset, p.shape[1], self._cached(p), ref))
-            offset += p.shape[1]
-        self.cats[id(out)] = (weakref.ref(out), out._version, pieces)
+        prev, start = self.last_cat, 0
+        if prev is not None and len(prev.sig) < len(parts) and not self.escaped and all(
+                r() is p and v == p._version for (r, v), p in zip(prev.sig, parts)):
+            start = len(prev.sig)  # (trusted then, unchanged since, no escape: trusted now)
+        else:
+            prev = None
+        new = parts[start:]
+        trust = [self.trusted(p) for p in new]  # asked once, for both records
+        sig = [(weakref.ref(p), p._version) for p in new]
+        offset = prev.channels if prev is not None else 0
+        pieces = []
+        for p, trusted, (ref, version) in zip(new, trust, sig):
+            channels = p.shape[1]
+            pieces.append((offset, channels, self._entry(p, version), ref, version) if trusted else
+                          (offset, channels, None, None, 0))
+            offset += channels
+        if prev is not None:
+            pieces = prev.pieces + pieces
+            sig, trust = prev.sig + sig, prev.trust + trust
+        self.cats[id(out)] = self.last_cat = CatRecord(out, pieces, sig, trust, prev, offset)
         if self.storing_recipes:
             self.recipes.record_cat(out, parts, trust)
 
-    def _piece(self, ref) -> Optional[Tensor]:
+    def _cat_of(self, x: Tensor) -> Optional["CatRecord"]:
+        """The record of the concatenation that produced ``x``, if ``x`` is unchanged since."""
+        cat = self.cats.get(id(x))
+        return cat if cat is not None and cat.out() is x and cat.version == x._version else None
+
+    def _entry(self, t: Tensor, version: int) -> Optional[Tuple[Tensor, Tensor]]:
+        """Statistics stored for ``t`` (trusted when stored) at ``version``, if any."""
+        entry = self.stats.get(id(t))
+        if entry is not None and entry[1] == version and entry[0]() is t:
+            return entry[2], entry[3]
+        return None
+
+    def _unchanged(self, t: Tensor, version: int) -> bool:
+        """A tensor trusted earlier in this forward still holds the data it had at ``version``: same
+        version, and no memory escaped since (only an escape can end a produced tensor's trust)."""
+        return t._version == version and (not self.escaped or self.trusted(t))
+
+    def _piece(self, ref, version: int) -> Optional[Tensor]:
         """The piece a cat copied, if it is still alive, trusted and unchanged since (its data is then
         exactly the cat's channels), else ``None``."""
-        if ref is None:
-            return None
-        t = ref[0]()
-        if t is None or t._version != ref[1] or not self.trusted(t):
-            return None
-        return t
+        t = ref() if ref is not None else None
+        return t if t is not None and self._unchanged(t, version) else None
 
     def _cached(self, t: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
         """Cached statistics of ``t`` if they describe its current data (trusted, same version)."""
@@ -170,43 +206,92 @@ class StatsCache:
             return entry[2], entry[3]
         return None
 
-    def _store(self, t: Tensor, mean: Tensor, var: Tensor) -> None:
-        if self.trusted(t):
-            self.stats[id(t)] = (weakref.ref(t), t._version, mean, var)
+    def stats_for(self, x: Tensor, sweep) -> Optional[Tuple[Tensor, Tensor]]:
+        """Statistics of ``x``'s leading channels that need no sweep of ``x`` itself: ``(mean, var)`` of
+        the first ``K`` channels (``K`` = all when ``x``'s own are cached), or ``None``. The caller's
+        fused forward measures the other channels in its normalize pass (the data is then read once)
+        and reports the full statistics with :meth:`measured`.
 
-    def stats_for(self, x: Tensor, sweep) -> Tuple[Tensor, Tensor]:
-        """``x``'s per-channel statistics: cached, assembled from a concatenation's pieces (sweeping
-        only the pieces never measured, as channel slices of ``x``), or swept."""
+        For a recorded concatenation: the pieces measured earlier (by another BN), then -- when a later
+        piece is known again -- an unmeasured piece between them is swept alone with ``sweep`` (the
+        piece itself if unchanged, else its slice of ``x``); the trailing unmeasured pieces (in a
+        DenseNet, the previous layer's new features) are left to the fused forward."""
         if not self.trusted(x):  # an input, parameter or buffer, aliased memory, inference mode: measure
-            self.swept_channels += x.shape[1]
-            return sweep(x)
+            return None
         hit = self._cached(x)
         if hit is not None:
             self.reused_channels += x.shape[1]
             return hit
-        cat = self.cats.get(id(x))
-        if cat is not None and cat[0]() is x and cat[1] == x._version:
-            means, vars_ = [], []
-            for offset, channels, hit, ref in cat[2]:
-                piece = self._piece(ref)
-                if hit is None and piece is not None:  # measured since the cat (by another BN)
-                    hit = self._cached(piece)
-                if hit is None:  # never measured: sweep just these channels -- the piece itself if it is
-                    # unchanged (contiguous, and its statistics then serve later cats of it), else a slice of x
-                    hit = sweep(piece if piece is not None else x.narrow(1, offset, channels))
-                    self.swept_channels += channels
-                    if piece is not None:
-                        self._store(piece, *hit)
-                else:
-                    self.reused_channels += channels
-                means.append(hit[0])
-                vars_.append(hit[1])
-            mean, var = torch.cat(means), torch.cat(vars_)
-        else:
-            mean, var = sweep(x)
-            self.swept_channels += x.shape[1]
-        self._store(x, mean, var)
-        return mean, var
+        cat = self._cat_of(x)
+        if cat is None:
+            return None
+        if cat.prefix is not None and cat.prefix.stats is not None and not self.escaped:
+            # the previous concatenation led this one with the same, unchanged pieces: its statistics
+            # are this one's leading channels' (the new pieces are left to the fused forward)
+            self.reused_channels += cat.prefix.channels
+            return cat.prefix.stats
+        known = []  # (channels, hit or None, piece or None, ref, version) per piece
+        last = -1  # the last piece whose statistics are known
+        for offset, channels, hit, ref, version in cat.pieces:
+            piece = self._piece(ref, version)
+            if hit is None and piece is not None:  # measured since the cat (by another BN)
+                hit = self._entry(piece, version)
+            if hit is not None:
+                last = len(known)
+            known.append((offset, channels, hit, piece, ref, version))
+        if last < 0:
+            return None
+        means, vars_ = [], []
+        for offset, channels, hit, piece, ref, version in known[:last + 1]:
+            if hit is None:  # a gap before a known piece: sweep just these channels
+                hit = sweep(piece if piece is not None else x.narrow(1, offset, channels))
+                self.swept_channels += channels
+                if piece is not None:  # (trusted and unchanged: just checked)
+                    self.stats[id(piece)] = (ref, version, hit[0], hit[1])
+            else:
+                self.reused_channels += channels
+            means.append(hit[0])
+            vars_.append(hit[1])
+        if len(means) == 1:
+            return means[0], vars_[0]
+        return torch.cat(means), torch.cat(vars_)
+
+    def measured(self, x: Tensor, mean: Tensor, var: Tensor, known: int) -> None:
+        """``x``'s full statistics, of which the first ``known`` channels came from :meth:`stats_for`:
+        stored under ``x`` and under each piece of its concatenation that was not measured yet, so
+        every later concatenation of those pieces reuses them."""
+        self.swept_channels += x.shape[1] - known
+        if not self.trusted(x):
+            return
+        self.stats[id(x)] = (weakref.ref(x), x._version, mean, var)
+        cat = self._cat_of(x)
+        if cat is None:
+            return
+        cat.stats = (mean, var)  # for the next concatenation that extends this one
+        for offset, channels, _, ref, version in reversed(cat.pieces):  # the pieces measured just now
+            if offset + channels <= known:
+                break
+            piece = self._piece(ref, version)
+            if piece is not None and self._entry(piece, version) is None:
+                self.stats[id(piece)] = (ref, version, mean.narrow(0, offset, channels),
+                                         var.narrow(0, offset, channels))
+
+
+class CatRecord:
+    """One recorded ``out = cat(parts, dim=1)`` of this forward (see :meth:`StatsCache.record_cat`)."""
+
+    __slots__ = ("out", "version", "pieces", "sig", "trust", "prefix", "channels", "stats")
+
+    def __init__(self, out: Tensor, pieces: List[tuple], sig: List[tuple], trust: List[bool],
+                 prefix: Optional["CatRecord"], channels: int):
+        self.out, self.version = weakref.ref(out), out._version
+        # per piece: (channel offset, channels, its statistics as of the cat or None, weakref or None, version)
+        self.pieces = pieces
+        self.sig = sig  # (weakref, version) of every part, to recognise a later cat that extends this one
+        self.trust = trust  # each part's trust when it was first concatenated
+        self.prefix = prefix  # the earlier record whose parts lead this one's, unchanged, or None
+        self.channels = channels
+        self.stats: Optional[Tuple[Tensor, Tensor]] = None  # out's statistics once a BN measured them
 
 
 class ConcatRecorder(TorchFunctionMode):
@@ -219,24 +304,47 @@ class ConcatRecorder(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _RELUS and args and self.cache.awaiting:
-            block = self.cache.awaiting.pop(id(args[0]), None)
+        cache = self.cache
+        if cache.awaiting and func in _RELUS and args:
+            block = cache.awaiting.pop(id(args[0]), None)
             if block is not None and block._pending is args[0] and block.take(args[0], block.functional_relu):
                 return args[0]  # fission already applied this ReLU: the call is a pass-through
         out = func(*args, **kwargs)
         if torch.is_inference_mode_enabled():
             return out
-        name = getattr(func, "__name__", None)
-        if name in _ESCAPES or (name in ("__get__", "__set__") and getattr(func, "__self__", None) is _DATA):
-            self.cache.record_escape(args)
-        self.cache.record_output(out)
-        if func in _CATS and isinstance(out, Tensor) and out.dim() >= 2:
+        kind = _kind(func)
+        if kind is _ESCAPE:
+            cache.record_escape(args)
+        cache.record_output(out)
+        if kind is _CAT and isinstance(out, Tensor) and out.dim() >= 2:
             tensors = args[0] if args else kwargs.get("tensors")
             dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
             if isinstance(tensors, (list, tuple)) and dim in (1, 1 - out.dim()) and \
                     all(isinstance(t, Tensor) and t.dim() == out.dim() for t in tensors):
-                self.cache.record_cat(out, list(tensors))
+                cache.record_cat(out, list(tensors))
         return out
+
+
+_PLAIN, _ESCAPE, _CAT = "plain", "escape", "cat"
+_KINDS: Dict[object, str] = {}  # func -> what the recorder does with it (asked once per function)
+
+
+def _kind(func) -> str:
+    try:
+        return _KINDS[func]
+    except KeyError:
+        pass
+    except TypeError:  # an unhashable callable: classify it every time
+        return _classify(func)
+    kind = _KINDS[func] = _classify(func)
+    return kind
+
+
+def _classify(func) -> str:
+    name = getattr(func, "__name__", None)
+    if name in _ESCAPES or (name in ("__get__", "__set__") and getattr(func, "__self__", None) is _DATA):
+        return _ESCAPE
+    return _CAT if func in _CATS else _PLAIN
 
 
 class RootHooks:

@@ -179,6 +179,54 @@ def test_both_kernel_schedules(backend, shape, threads):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", [(6, 3, 5, 7), (4, 24, 6, 6), (32, 5)], ids=["few-channels", "many-channels", "2d"])
+@pytest.mark.parametrize("known", [1, "all-but-one", "all"])
+def test_given_statistics_of_the_leading_channels_are_used_and_the_rest_measured(backend, shape, layout, threads,
+                                                                                 known):
+    """ICF passes the statistics of a concatenation's leading pieces: the op uses exactly those for the first
+    K channels (here deliberately *not* the data's, so ignoring them fails), measures the others in its own
+    pass, returns all C, and updates the running statistics with them -- in both kernel schedules."""
+    torch.manual_seed(7)
+    c = shape[1]
+    k = {"all-but-one": c - 1, "all": c}.get(known, known)
+    x = _input(shape, layout) * 2 + 5
+    w, b = torch.rand(c) + 0.5, torch.randn(c)
+    dims = [0] + list(range(2, x.dim()))
+    true_var, true_mean = torch.var_mean(x.double(), dim=dims, correction=0)  # the float64 truth
+    given_mean, given_var = true_mean[:k] + 0.25, true_var[:k] * 1.5  # not x's: must be used as given
+    expect_mean, expect_var = torch.cat([given_mean, true_mean[k:]]), torch.cat([given_var, true_var[k:]])
+    rm, rv = torch.zeros(c), torch.ones(c)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out, mean, var, invstd = bn_fission.ops.forward(x, w, b, given_mean, given_var, rm, rv, 0.1, 1e-5, True)
+    finally:
+        torch.set_num_threads(before)
+    assert out.stride() == x.stride()
+    assert mean[:k].equal(given_mean) and var[:k].equal(given_var)  # as given, bit for bit
+    torch.testing.assert_close(mean[k:], true_mean[k:], rtol=1e-6, atol=1e-6)  # measured (float32 data)
+    torch.testing.assert_close(var[k:], true_var[k:], rtol=1e-5, atol=1e-6)
+    view = [1, c] + [1] * (x.dim() - 2)
+    ref = torch.relu((x.double() - expect_mean.view(view)) * torch.rsqrt(expect_var + 1e-5).view(view)
+                     * w.double().view(view) + b.double().view(view))
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=2e-5)
+    m = x.numel() // c
+    torch.testing.assert_close(rm.double(), 0.1 * expect_mean, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(rv.double(), 0.9 + 0.1 * expect_var * m / (m - 1), rtol=1e-6, atol=1e-7)
+    assert given_mean.equal(true_mean[:k] + 0.25)  # the given statistics are read, never written
+
+
+def test_given_statistics_longer_than_the_channels_are_refused(backend):
+    x = torch.randn(4, 3, 5)
+    with pytest.raises(ValueError, match="K <= 3"):
+        bn_fission.ops.forward(x, None, None, torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64),
+                               None, None, 0.0, 1e-5, False)
+    with pytest.raises(ValueError, match="K <= 3"):
+        bn_relu_train(x, None, None, None, None, None, 0.1, 1e-5, stats=(torch.zeros(4), torch.ones(4)))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(4, 6, 5, 7), (6, 5), (3, 4, 2, 3, 3)], ids=["4d", "2d", "5d"])
 def test_statistics_of_a_channel_slice_are_read_in_place(backend, shape, dtype):
@@ -385,6 +433,7 @@ def test_custom_ops_pass_opcheck(backend, layout):
         cases += [
             (ops.forward, (x, w, b, None, None, None, None, 0.0, 1e-5, relu)),
             (ops.forward, (x, None, None, mean, v, torch.zeros(3), torch.ones(3), 0.1, 1e-5, relu)),
+            (ops.forward, (x, w, b, mean[:2], v[:2], torch.zeros(3), torch.ones(3), 0.1, 1e-5, relu)),
             (ops.backward, (g, x, w, b, mean, v, relu, True, True, True)),
             (ops.backward, (g, x, None, None, mean, v, relu, True, False, False)),
             (ops.backward, (g, x, w, b, mean, v, relu, False, True, False)),

@@ -100,8 +100,8 @@ def bn_relu_train_forward(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Train-mode BN(+ReLU) without running statistics: sub-BN1 then sub-BN2 (the ``bn_fission_forward`` op).
 
-    ``stats``: the batch ``(mean, biased var)`` of ``x`` if already known (ICF: a concatenation's
-    statistics are its pieces'), which skips the statistics sweep.
+    ``stats``: the batch ``(mean, biased var)`` of ``x``'s first ``K <= C`` channels if already known
+    (ICF: a concatenation's statistics are its pieces'); only the other channels are measured.
     Returns ``(out, mean, invstd, var)``; the last three are ``[C]`` in the per-channel dtype (float64 on
     the CPU, float32 elsewhere unless ``x`` is float64; ``var`` biased).
     """
@@ -245,8 +245,9 @@ def bn_relu_train(
         momentum: the BN's momentum, or ``None`` for a cumulative moving average.
         eps: added to the variance inside the square root.
         relu: fuse a ReLU into the output (and its backward).
-        stats: optional precomputed batch ``(mean, biased var)`` of ``x`` per channel (e.g. the
-            concatenated statistics of the pieces of a ``torch.cat``); skips the statistics sweep.
+        stats: optional precomputed batch ``(mean, biased var)`` of ``x``'s first ``K <= C`` channels
+            (e.g. the statistics of the leading pieces of a ``torch.cat``, measured earlier); only the
+            other channels are measured (``K = C``: no statistics sweep).
         return_stats: also return the batch ``(mean, biased var)`` the output was normalized with
             (per-channel dtype; ``None`` for an empty batch).
 
@@ -271,6 +272,10 @@ def bn_relu_train(
         if t is not None and t.numel() != c:
             raise ValueError(f"bn_relu_train: {name} has {t.numel()} elements but x has {c} channels "
                              f"(shape {tuple(x.shape)}); pass the BatchNorm that matches this input.")
+    if stats is not None and (len(stats) != 2 or any(not isinstance(s, Tensor) or s.dim() != 1 for s in stats)
+                              or stats[0].shape != stats[1].shape or stats[0].shape[0] > c):
+        raise ValueError(f"bn_relu_train: stats must be (mean, var), two [K] tensors with K <= {c} (the statistics "
+                         f"of x's first K channels), got {[tuple(getattr(s, 'shape', ())) for s in stats]}")
     with running_stats_update("bn_relu_train (fission)"):
         out, mean, var = _bn_relu_train(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum,
                                         eps, relu, stats)

@@ -2,9 +2,10 @@
 
 * ``convbn::bn_fission_stats(x) -> (mean, var)``: per-channel batch mean and biased variance, one sweep.
 * ``convbn::bn_fission_forward(x, weight, bias, mean, var, running_mean!, running_var!, factor, eps, relu)
-  -> (out, mean, var, invstd)``: the statistics (unless given: ICF), ``z = relu?((x - mean) * invstd * gamma
-  + beta)`` and, if the buffers are given, their update ``r = (1 - factor) * r + factor * batch`` (the
-  variance unbiased), in place.
+  -> (out, mean, var, invstd)``: the statistics of every channel not given (``mean``/``var`` may hold the
+  first ``K <= C`` channels': ICF, a concatenation whose leading pieces were measured earlier),
+  ``z = relu?((x - mean) * invstd * gamma + beta)`` and, if the buffers are given, their update
+  ``r = (1 - factor) * r + factor * batch`` (the variance unbiased), in place.
 * ``convbn::bn_fission_backward(grad, x, weight, bias, mean, invstd, relu, need_x, need_w, need_b)
   -> (dx, dgamma, dbeta)``: one reduction sweep for ``sum(g)``/``sum(g * (x - mean))`` (``g`` = grad masked by
   the ReLU, the mask recomputed from ``x`` with the forward's own arithmetic), then one elementwise sweep
@@ -46,7 +47,7 @@ def _argtypes() -> dict:
     types = {}
     for sfx in ("f32", "f64"):
         types[f"stats_{sfx}"] = [p, i64, i64, i64, i32, i64, i32, p, p]  # N, C, L, nlc, batch stride, threads
-        types[f"fused_forward_{sfx}"] = [p, p, *dims, p, p, i32, p, p, i32, f64, i32, p, p, p, i32, f64]
+        types[f"fused_forward_{sfx}"] = [p, p, *dims, p, p, i64, p, p, p, p, i32, f64, i32, p, p, p, i32, f64]
         types[f"fused_backward_{sfx}"] = [p, p, p, *dims, p, p, p, p, i32, i32, p, p]
     return types
 
@@ -217,13 +218,17 @@ stats = define_op("bn_fission_stats(Tensor x) -> (Tensor, Tensor)", stats_refere
 def forward_reference(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Optional[Tensor],
                       var: Optional[Tensor], running_mean: Optional[Tensor], running_var: Optional[Tensor],
                       factor: float, eps: float, relu: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Sub-BN1 (statistics, unless given) then sub-BN2 (normalize + affine + ReLU) in torch ops; updates
-    the running buffers (if given) in place."""
+    """Sub-BN1 (statistics of the channels not given) then sub-BN2 (normalize + affine + ReLU) in torch
+    ops; updates the running buffers (if given) in place."""
     cd = _channel_dtype(x)
-    if mean is None or var is None:
+    known = _known(x, mean, var)
+    if known == 0:
         mean, var = stats_reference(x)
-    else:
+    elif known == x.shape[1]:
         mean, var = mean.to(cd, copy=True), var.to(cd, copy=True)
+    else:
+        rest = stats_reference(x.narrow(1, known, x.shape[1] - known))
+        mean, var = (torch.cat([given.to(cd), r]) for given, r in zip((mean, var), rest))
     invstd = torch.rsqrt(var + eps)
     scale, shift = _scale_shift(weight, bias, invstd)
     out = _affine(x, mean, scale, shift)
@@ -234,23 +239,31 @@ def forward_reference(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor
     return out.to(x.dtype), mean, var, invstd
 
 
+def _known(x: Tensor, mean: Optional[Tensor], var: Optional[Tensor]) -> int:
+    """How many leading channels' statistics are given (``mean``/``var`` of that length, or ``None``)."""
+    if mean is None or var is None:
+        return 0
+    if mean.dim() != 1 or mean.shape != var.shape or mean.shape[0] > x.shape[1]:
+        raise ValueError(f"bn_fission_forward: given statistics must be two [K] tensors with K <= {x.shape[1]} "
+                         f"channels (the first K channels'), got {tuple(mean.shape)} and {tuple(var.shape)}")
+    return mean.shape[0]
+
+
 def _forward_cpu(x, weight, bias, mean, var, running_mean, running_var, factor, eps, relu):
     k = _kernel(x, (weight, bias), (running_mean, running_var))
     if k is None:
         return forward_reference(x, weight, bias, mean, var, running_mean, running_var, factor, eps, relu)
     lib, sfx, n, c, length, nlc, (pf64, bf64) = k
-    have = mean is not None and var is not None
-    if have:
-        mean, var = (s.to(torch.float64, copy=True).contiguous() for s in (mean, var))
-    else:
-        mean, var = torch.empty(c, dtype=torch.float64), torch.empty(c, dtype=torch.float64)
-    invstd = torch.empty(c, dtype=torch.float64)
+    known = _known(x, mean, var)
+    if known:  # read by the kernel, which copies them into the outputs
+        mean, var = (s.to(torch.float64).contiguous() for s in (mean, var))
+    m_out, v_out, invstd = (torch.empty(c, dtype=torch.float64) for _ in range(3))
     out = torch.empty_like(x)
     getattr(lib, f"fused_forward_{sfx}")(
-        x.data_ptr(), out.data_ptr(), n, c, length, nlc, threads(x.numel()), mean.data_ptr(), var.data_ptr(),
-        int(have), _ptr(weight), _ptr(bias), pf64, float(eps), int(relu), invstd.data_ptr(), _ptr(running_mean),
-        _ptr(running_var), bf64, float(factor))
-    return out, mean, var, invstd
+        x.data_ptr(), out.data_ptr(), n, c, length, nlc, threads(x.numel()), m_out.data_ptr(), v_out.data_ptr(),
+        known, _ptr(mean) if known else None, _ptr(var) if known else None, _ptr(weight), _ptr(bias), pf64,
+        float(eps), int(relu), invstd.data_ptr(), _ptr(running_mean), _ptr(running_var), bf64, float(factor))
+    return out, m_out, v_out, invstd
 
 
 def _forward_fake(x, weight, bias, mean, var, running_mean, running_var, factor, eps, relu):

@@ -204,8 +204,10 @@ class Block:
 
 
 def _version(t: Tensor) -> int:
-    """The version counter (inference tensors have none, and cannot be modified in place outside inference mode)."""
-    return -1 if t.is_inference() else t._version
+    """The version counter (inference tensors have none, and cannot be modified in place outside inference mode).
+    Read past any TorchFunctionMode (ICF's recorder): two attribute reads need not round-trip through Python."""
+    with torch._C.DisableTorchFunction():
+        return -1 if t.is_inference() else t._version
 
 
 def _hooked(m: Optional[nn.Module], pre: bool = False, forward: bool = False, backward: bool = False) -> bool:

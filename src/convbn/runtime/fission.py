@@ -51,12 +51,14 @@ class FissionBlock(Block):
         bn._check_input_dim(input)
         p = self.params()
         track = bn.training and bn.track_running_stats
-        stats = None
-        if self.stats_cache is not None and not is_compiling() and input.dim() > 2:
-            stats = self.stats_cache.stats_for(input, channel_statistics)  # ICF: reuse a concat's pieces
+        stats, icf = None, self.stats_cache is not None and not is_compiling() and input.dim() > 2
+        if icf:  # ICF: the statistics of a concatenation's pieces measured earlier (a leading run of channels)
+            stats = self.stats_cache.stats_for(input, channel_statistics)
         out, mean, var = bn_relu_train(input, p.weight, p.bias, p.running_mean if track else None,
                                        p.running_var if track else None, bn.num_batches_tracked if track else None,
                                        momentum_of(bn), p.eps, relu=relu, stats=stats, return_stats=True)
+        if icf and mean is not None:
+            self.stats_cache.measured(input, mean, var, 0 if stats is None else stats[0].shape[0])
         if mean is not None and self.stats_cache is not None and self.stats_cache.storing_recipes \
                 and not is_compiling():  # low_memory: backward normalizes again instead of storing ``out``
             self.stats_cache.recipes.record_norm(out, input, mean, var, p.weight, p.bias, p.eps, relu)

@@ -286,13 +286,18 @@ inline void store(void* p, int f64, int64_t c, double v) {
   if (f64) ((double*)p)[c] = v; else ((float*)p)[c] = (float)v;
 }
 
-// have_stats: mean/var are inputs (ICF), else outputs. Writes invstd; updates the running buffers
-// (if given) as torch does: r = (1 - factor) * r + factor * batch, the variance unbiased by m / (m - 1).
+// known (0..C): the statistics of the first `known` channels are given (ICF: the pieces of a
+// concatenation measured earlier) in kmean/kvar and copied to mean/var; the other channels' are
+// measured here. Writes invstd; updates the running buffers (if given) as torch does:
+// r = (1 - factor) * r + factor * batch, the variance unbiased by m / (m - 1).
 template <typename T>
 void fused_forward(const T* x, T* y, int64_t N, int64_t C, int64_t L, int nlc, int nt,
-                   double* mean, double* var, int have_stats, const void* w, const void* b, int pf64,
+                   double* mean, double* var, int64_t known, const double* kmean, const double* kvar,
+                   const void* w, const void* b, int pf64,
                    double eps, int relu, double* invstd, void* rmean, void* rvar, int bf64, double factor) {
   const double m = (double)(N * L), unbias = m > 1 ? m / (m - 1) : 1.0;
+  known = std::max<int64_t>(0, std::min(known, C));
+  for (int64_t c = 0; c < known; ++c) { mean[c] = kmean[c]; var[c] = kvar[c]; }
   // Per channel: invstd, scale, shift and the running-statistics update (channels are independent).
   auto channel = [&](int64_t c, double& scale, double& shift) {
     invstd[c] = 1.0 / sqrt(var[c] + eps);
@@ -308,7 +313,7 @@ void fused_forward(const T* x, T* y, int64_t N, int64_t C, int64_t L, int nlc, i
       T u[SEG], v[SEG];
 #pragma omp for schedule(static)
       for (int64_t c = 0; c < C; ++c) {
-        if (!have_stats) {
+        if (c >= known) {
           T K;
           shift_of(x + c * L, N, 1, L, 0, &K);
           double S, SS;
@@ -327,7 +332,15 @@ void fused_forward(const T* x, T* y, int64_t N, int64_t C, int64_t L, int nlc, i
     }
     return;
   }
-  if (!have_stats) stats<T>(x, N, C, L, nlc, nlc ? 0 : C * L, nt, mean, var);
+  if (known < C) {
+    if (!nlc) {  // the unknown channels only: a channel slice, read with the full tensor's batch stride
+      stats<T>(x + known * L, N, C - known, L, 0, C * L, nt, mean + known, var + known);
+    } else {     // interleaved channels: all are swept together; the given ones are kept
+      std::vector<double> sm(C), sv(C);
+      stats<T>(x, N, C, L, nlc, 0, nt, sm.data(), sv.data());
+      for (int64_t c = known; c < C; ++c) { mean[c] = sm[c]; var[c] = sv[c]; }
+    }
+  }
   std::vector<double> scale(C), shift(C);
   for (int64_t c = 0; c < C; ++c) channel(c, scale[c], shift[c]);
   normalize<T>(x, y, N, C, L, nlc, nt, mean, scale.data(), shift.data(), relu);
@@ -395,11 +408,12 @@ void fused_backward(const T* dy, const T* x, T* dx, int64_t N, int64_t C, int64_
   extern "C" void stats_##SFX(const T* x, int64_t N, int64_t C, int64_t L, int nlc, int64_t sN, int nt,  \
                               double* m, double* v) { stats<T>(x, N, C, L, nlc, sN, nt, m, v); }       \
   extern "C" void fused_forward_##SFX(const T* x, T* y, int64_t N, int64_t C, int64_t L, int nlc,      \
-                                      int nt, double* m, double* v, int have_stats, const void* w,     \
+                                      int nt, double* m, double* v, int64_t known, const double* km,   \
+                                      const double* kv, const void* w,                                 \
                                       const void* b, int pf64, double eps, int relu, double* invstd,   \
                                       void* rm, void* rv, int bf64, double factor) {                   \
-    fused_forward<T>(x, y, N, C, L, nlc, nt, m, v, have_stats, w, b, pf64, eps, relu, invstd, rm, rv,  \
-                     bf64, factor); }                                                                  \
+    fused_forward<T>(x, y, N, C, L, nlc, nt, m, v, known, km, kv, w, b, pf64, eps, relu, invstd, rm,   \
+                     rv, bf64, factor); }                                                              \
   extern "C" void fused_backward_##SFX(const T* dy, const T* x, T* dx, int64_t N, int64_t C, int64_t L,\
                                        int nlc, int nt, const double* m, const double* invstd,         \
                                        const void* w, const void* b, int pf64, int relu, void* dw,     \
