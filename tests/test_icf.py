@@ -9,7 +9,15 @@ from torch import nn
 
 import convbn
 from conftest import assert_close_rel, randomize_all_bn
+from convbn import icf
 from convbn.icf import root_hooks
+
+
+@pytest.fixture(autouse=True)
+def reuse_always_pays(monkeypatch):
+    """These tests are about what ICF reuses and when (soundness): at their tiny sizes the adaptive
+    policy would turn the recorder off after the first forward (tested on its own below)."""
+    monkeypatch.setattr(icf, "REUSE_ELEMENTS_PER_LOOKUP", 0)
 
 
 class TinyDense(nn.Module):
@@ -310,3 +318,65 @@ def test_new_pieces_are_measured_in_the_fused_forward_not_by_a_separate_sweep(mo
     assert calls == [4] * separate
     cache = root_hooks(model).cache
     assert cache.reused_channels > 0
+
+
+@pytest.mark.parametrize("threshold, records", [(None, False), (0, True)], ids=["small: off", "pays: on"])
+def test_the_recorder_stays_on_for_an_input_shape_only_where_reuse_pays(monkeypatch, threshold, records):
+    """ICF's recorder costs Python time on every op; after the first forward of an input signature it is
+    kept only if the statistics it let BNs reuse outweigh that (REUSE_ELEMENTS_PER_LOOKUP reused elements
+    per BN call and thread). A tiny dense block does not pay: later forwards run without it -- the same
+    function, every BN measuring its whole input in its fused pass. Another input shape decides afresh."""
+    if threshold is None:
+        monkeypatch.undo()  # the real threshold
+    model = randomize_all_bn(ListDense())
+    ref = copy.deepcopy(model)
+    convbn.convert(model, "train", fission=True)
+    hooks = root_hooks(model)
+    x = torch.randn(4, 8, 6, 6)
+    _train_compare(model, ref, x)  # first forward of this signature: recorded, decided
+    assert hooks.cache.reused_channels == 80 - (8 + 4 * 4)
+    assert list(hooks.decisions.values()) == [records]
+    before = hooks.cache.reused_channels
+    _train_compare(model, ref, x)
+    assert (hooks.cache.reused_channels > before) == records
+    _train_compare(model, ref, torch.randn(2, 8, 5, 5))  # a new signature is recorded once, then decided
+    assert len(hooks.decisions) == 2
+
+
+def test_the_recorder_stays_on_where_it_is_needed_for_more_than_speed():
+    """low_memory's recipes need the recorder in every forward, whatever the sizes."""
+    model = randomize_all_bn(ListDense())
+    ref = copy.deepcopy(model)
+    convbn.convert(model, "train", fission=True, low_memory=True)
+    hooks = root_hooks(model)
+    for _ in range(2):
+        _train_compare(model, ref, torch.randn(4, 8, 6, 6))
+        assert hooks.cache.recipes.recipes_packed > 0
+    assert hooks.decisions == {}
+
+
+class FunctionalRelu(nn.Module):
+    def __init__(self, c=16):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return torch.nn.functional.relu(self.bn(self.conv(x)))
+
+
+@pytest.mark.parametrize("size, records", [(4, False), (128, True)])
+def test_a_fused_functional_relu_counts_as_what_the_recorder_buys(monkeypatch, size, records):
+    """A functional ReLU is fused into its BN only while the recorder runs (it passes the user's call
+    through); that saves a ReLU pass forward and backward, so it counts towards keeping the recorder --
+    here with one BN call: kept from 2 * C*N*H*W >= REUSE_ELEMENTS_PER_LOOKUP * threads."""
+    monkeypatch.undo()
+    monkeypatch.setattr(icf, "REUSE_ELEMENTS_PER_LOOKUP", 200_000)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    model = randomize_all_bn(FunctionalRelu())
+    ref = copy.deepcopy(model)
+    convbn.convert(model, "train", fission=True)
+    x = torch.randn(4, 3, size, size)  # 4*16*128*128 = 1M elements: pays; 4*16*4*4: does not
+    _train_compare(model, ref, x)
+    assert list(root_hooks(model).decisions.values()) == [records]
+    _train_compare(model, ref, x)
+    assert root_hooks(model).cache.recording is False

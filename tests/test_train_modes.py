@@ -234,8 +234,11 @@ class FunctionalReLUNet(nn.Module):
 
 
 @pytest.mark.parametrize("relu", ["F.relu", "torch.relu", "F.relu_inplace", ".relu_()", ".relu()"])
-def test_fission_fuses_a_functional_relu_exactly(relu):
+def test_fission_fuses_a_functional_relu_exactly(relu, monkeypatch):
+    from convbn import icf
     from convbn.bench.memory import saved_tensor_bytes
+
+    monkeypatch.setattr(icf, "REUSE_ELEMENTS_PER_LOOKUP", 0)  # fused at any size (the policy: tests/test_icf.py)
 
     model = randomize_all_bn(FunctionalReLUNet(relu))
     ref = copy.deepcopy(model)

@@ -166,7 +166,8 @@ def _train_variant_row(cand: Candidate, variant: str) -> Tuple[str, str, str]:
     functional = cand.functional_relu if variant == "train+fission" else None
     note = (f"ReLU `{cand.relu_name}` fused" if cand.relu is not None
             else "its own ReLU fused" if cand.inner_relu is not None
-            else f"{functional} after it fused" if functional else "")
+            else f"{functional} after it fused (while ICF's recorder runs: for input shapes where it pays, "
+                 f"see convbn.icf.RootHooks)" if functional else "")
     return variant, "converted", note
 
 

@@ -141,8 +141,8 @@ def test_the_ahead_of_time_build_command_fills_the_cache_the_library_loads(how, 
         assert proc.returncode == 0, proc.stderr
         out = proc.stdout
     built = sorted(p.name for p in tmp_path.glob("convbn_*/*.so"))
-    assert [n.split("_")[0] for n in built] == ["bn", "tune"], built
-    for name in ("tune", "bn_fission"):
+    assert [n.rsplit("_", 1)[0] for n in built] == ["bn_fission", "bn_fission_native", "tune"], built
+    for name in ("tune", "bn_fission", "bn_fission_native"):
         assert f"{name}: {tmp_path}" in out
     # what was built is what a run loads: same path, no compiler needed afterwards
     assert tune_ops.LIB.so_path().replace(_build.cache_root(), str(tmp_path)) in out

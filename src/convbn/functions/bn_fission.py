@@ -41,6 +41,7 @@ from torch import Tensor
 
 from ..errors import ConvBNError
 from ..ops import bn_fission as ops
+from ..ops import native as native_ops
 from ..ops._build import use_extension
 from ._conv import (apply_function, cumulative_factor, eager_twin, is_batched, is_functorch_wrapped,
                     running_stats_update, signature_cached)
@@ -282,6 +283,16 @@ def bn_relu_train(
     return (out, mean, var) if return_stats else out
 
 
+def _native(x, weight, bias, running_mean, running_var, factor, compiling: bool):
+    """``convbn::bn_relu_train_native`` where it applies (eager, outside ``torch.func``, what the CPU
+    kernels take, a float momentum), else ``None``."""
+    if compiling or isinstance(factor, Tensor) or torch._C._functorch.peek_interpreter_stack() is not None:
+        return None
+    if ops._kernel(x, (weight, bias), (running_mean, running_var)) is None:
+        return None
+    return native_ops.op()
+
+
 def _bn_relu_train(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, relu, stats):
     c = x.shape[1]
     factor: Union[float, Tensor] = 0.0 if momentum is None else float(momentum)
@@ -304,6 +315,12 @@ def _bn_relu_train(x, weight, bias, running_mean, running_var, num_batches_track
     # for a factor on the device), so torch.func transforms see no mutation of a captured buffer;
     # compiled graphs update them here, outside the Function.
     running = (running_mean, running_var, factor) if tracked and not compiling else None
+    native = _native(x, weight, bias, running_mean, running_var, factor, compiling)
+    if native is not None:  # the same kernels, with the autograd around them in C++ (convbn.ops.native)
+        mean, var = stats if stats is not None else (None, None)
+        out, mean, var, _ = native(x, weight, bias, mean, var, running_mean, running_var, float(factor), float(eps),
+                                   bool(relu))
+        return out, mean, var
     out, mean, var, _ = apply_function(BNReLUTrainFunction, x, weight, bias, float(eps), bool(relu), stats, running)
     if tracked and running is None:
         ops.update_running_stats(running_mean, running_var, mean, var, x.numel() // c, factor)

@@ -26,13 +26,14 @@ import sys
 import tempfile
 import threading
 import warnings
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 
 from ..errors import user_stacklevel
 
-__all__ = ["NativeLibrary", "extension_mode", "use_extension", "build_kernels", "KERNELS", "CSRC", "cache_root"]
+__all__ = ["NativeLibrary", "TorchOpLibrary", "extension_mode", "use_extension", "build_kernels", "KERNELS", "CSRC",
+           "cache_root"]
 
 CXXFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-shared", "-fPIC",
             "-std=c++17"]
@@ -84,9 +85,10 @@ def _cpu_flags() -> str:
         return platform.processor()
 
 
-def cache_key(source: bytes) -> str:
+def cache_key(source: bytes, flags: Optional[Sequence[str]] = None) -> str:
     """The build's cache key: source bytes, flags, torch version, CPU features, platform (no subprocess)."""
-    parts = [source, " ".join(CXXFLAGS).encode(), torch.__version__.encode(), _cpu_flags().encode(),
+    parts = [source, " ".join(CXXFLAGS if flags is None else flags).encode(), torch.__version__.encode(),
+             _cpu_flags().encode(),
              sys.platform.encode(), platform.machine().encode()]
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
 
@@ -117,8 +119,10 @@ class NativeLibrary:
         True
     """
 
-    def __init__(self, name: str, source_path: str, argtypes: Dict[str, List], what: str, register: bool = True):
+    def __init__(self, name: str, source_path: str, argtypes: Dict[str, List], what: str, register: bool = True,
+                 includes: Sequence[str] = ()):
         self.name, self.source_path, self.argtypes, self.what = name, source_path, argtypes, what
+        self.includes = tuple(includes)  # other sources the file #includes (part of the cache key)
         self.lib: Optional[ctypes.CDLL] = None
         self.tried = False
         self.error: Optional[str] = None
@@ -126,9 +130,15 @@ class NativeLibrary:
         if register:
             KERNELS[name] = self
 
+    def flags(self) -> List[str]:
+        return list(CXXFLAGS)
+
     def so_path(self) -> str:
-        with open(self.source_path, "rb") as f:
-            key = cache_key(f.read())
+        source = b""
+        for path in (self.source_path, *self.includes):
+            with open(path, "rb") as f:
+                source += f.read() + b"\0"
+        key = cache_key(source, self.flags())
         return os.path.join(cache_root(), f"convbn_{self.name}", f"{self.name}_{key}.so")
 
     def build(self, force: bool = False) -> str:
@@ -140,12 +150,15 @@ class NativeLibrary:
             os.makedirs(build_dir, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=build_dir) as tmp:
                 out = os.path.join(tmp, f"{self.name}.so")
-                proc = subprocess.run([cxx, *CXXFLAGS, self.source_path, "-o", out], capture_output=True, text=True,
-                                      timeout=300)
+                proc = subprocess.run([cxx, *self.flags(), self.source_path, "-o", out, *self.link_flags()],
+                                      capture_output=True, text=True, timeout=600)
                 if proc.returncode != 0:
                     raise RuntimeError(f"{cxx} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
                 os.replace(out, so_path)  # atomic: concurrent builders never see a half-written file
         return so_path
+
+    def link_flags(self) -> List[str]:
+        return []
 
     def load(self) -> ctypes.CDLL:
         lib = ctypes.CDLL(self.build())
@@ -180,6 +193,30 @@ class NativeLibrary:
         return self.lib
 
 
+class TorchOpLibrary(NativeLibrary):
+    """A kernel library built against the torch headers that registers dispatcher ops (with their
+    autograd formulas) when loaded -- ``torch.ops.load_library`` instead of ``ctypes``. Same cache, key
+    (plus the torch C++ ABI flag), one-time warning and :func:`use_extension` switch as
+    :class:`NativeLibrary`; :meth:`get` returns ``True`` once the ops are registered, else ``None``."""
+
+    def flags(self) -> List[str]:
+        include = os.path.join(os.path.dirname(os.path.abspath(torch.__file__)), "include")
+        # (torch.utils.cpp_extension.include_paths() gives these too, but importing it warns on CUDA builds
+        # without a CUDA runtime)
+        abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True))
+        return [f for f in CXXFLAGS if not f.startswith("-std=")] + [
+            "-std=c++20", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-DTORCH_API_INCLUDE_EXTENSION_H=0",
+            f"-I{include}", f"-I{os.path.join(include, 'torch', 'csrc', 'api', 'include')}", "-w"]
+
+    def link_flags(self) -> List[str]:
+        lib_dir = os.path.join(os.path.dirname(os.path.abspath(torch.__file__)), "lib")
+        return [f"-L{lib_dir}", "-lc10", "-ltorch_cpu", "-ltorch", f"-Wl,-rpath,{lib_dir}"]
+
+    def load(self):
+        torch.ops.load_library(self.build())
+        return True
+
+
 KERNELS: Dict[str, NativeLibrary] = {}
 
 
@@ -189,6 +226,6 @@ def build_kernels(force: bool = False) -> Dict[str, str]:
     Raises ``RuntimeError`` (with the compiler's output) if one fails. Afterwards no compiler is needed:
     the cache is keyed by the sources, flags, torch version and CPU features, not by the compiler.
     """
-    from . import bn_fission, tune  # noqa: F401 (registers their kernels)
+    from . import bn_fission, native, tune  # noqa: F401 (registers their kernels)
 
     return {name: lib.build(force=force) for name, lib in KERNELS.items()}

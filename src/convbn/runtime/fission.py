@@ -51,7 +51,8 @@ class FissionBlock(Block):
         bn._check_input_dim(input)
         p = self.params()
         track = bn.training and bn.track_running_stats
-        stats, icf = None, self.stats_cache is not None and not is_compiling() and input.dim() > 2
+        stats, icf = None, (self.stats_cache is not None and self.stats_cache.recording and not is_compiling()
+                            and input.dim() > 2)
         if icf:  # ICF: the statistics of a concatenation's pieces measured earlier (a leading run of channels)
             stats = self.stats_cache.stats_for(input, channel_statistics)
         out, mean, var = bn_relu_train(input, p.weight, p.bias, p.running_mean if track else None,
