@@ -98,12 +98,14 @@ def test_list_dense_block_measures_each_piece_once_and_matches_plain_train():
 class ListDenseInPlace(ListDense):
     """A piece changes in place after it was concatenated and measured: later cats must measure it again."""
 
+    changed_after = 1  # layer index after which piece 1 changes (measured in the second layer's cat)
+
     def forward(self, x):
         features = [x * 1.0]
         for i, layer in enumerate(self.layers):
             features.append(layer(torch.cat(features, 1)))
-            if i == 1:
-                features[1].mul_(-2).add_(1)  # measured in the second layer's cat; changed before the third's
+            if i == self.changed_after:
+                features[1].mul_(-2).add_(1)
         return self.norm(torch.cat(features, 1))
 
 
@@ -284,16 +286,10 @@ def test_user_hooks_on_the_root_are_untouched():
     assert calls == ["user", "user"] and len(model._forward_hooks) == 1
 
 
-class ListDenseGap(ListDense):
+class ListDenseGap(ListDenseInPlace):
     """A piece changes in place after later pieces were measured: the next cat has a gap before known ones."""
 
-    def forward(self, x):
-        features = [x * 1.0]
-        for i, layer in enumerate(self.layers):
-            features.append(layer(torch.cat(features, 1)))
-            if i == 2:
-                features[1].mul_(-2).add_(1)
-        return self.norm(torch.cat(features, 1))
+    changed_after = 2
 
 
 @pytest.mark.parametrize("cls, separate", [(TinyDense, 0), (ListDense, 0), (ListDenseInPlace, 0), (ListDenseGap, 1)])
